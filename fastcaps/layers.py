@@ -1,0 +1,86 @@
+"""Capsule layers: PrimaryCaps, DigitCaps (eager routing) and the CapsNet decoder.
+
+FusedDigitCaps, the drop-in with the fused Triton routing, lives in fastcaps.routing and has
+the same constructor, parameters and state_dict keys as DigitCaps.
+"""
+import math
+
+import torch
+from torch import nn
+
+from . import reference
+
+__all__ = ["PrimaryCaps", "DigitCaps", "Decoder"]
+
+
+class PrimaryCaps(nn.Module):
+    """Convolutional capsules: one conv whose channels are `caps_types` capsules of `caps_dim`.
+
+    Output [B, caps_types * H' * W', caps_dim], squashed. Capsule index = (type, y, x) in that
+    order, and channel `type * caps_dim + atom` of the conv is atom `atom` of capsule `type`.
+    """
+
+    def __init__(self, in_channels=256, caps_types=32, caps_dim=8, kernel_size=9, stride=2):
+        super().__init__()
+        self.caps_types, self.caps_dim = caps_types, caps_dim
+        self.conv = nn.Conv2d(in_channels, caps_types * caps_dim, kernel_size, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)  # [B, types * dim, H', W']
+        batch, _, height, width = out.shape
+        out = out.view(batch, self.caps_types, self.caps_dim, height, width)
+        out = out.permute(0, 1, 3, 4, 2).reshape(batch, self.caps_types * height * width, self.caps_dim)
+        return reference.squash(out)
+
+
+class DigitCaps(nn.Module):
+    """Fully connected capsule layer with dynamic routing (eager reference routing).
+
+    weight: [in_caps, out_caps, out_dim, in_dim], one out_dim x in_dim matrix per (i, j),
+    initialised N(0, 0.01^2) (the paper is silent; 0.01 is what the authors' code and most
+    ports use). bias (only with bias=True): [out_caps, out_dim], initialised to 0.
+    forward: u [B, in_caps, in_dim] -> v [B, out_caps, out_dim].
+    """
+
+    _routing = staticmethod(reference.dynamic_routing)
+
+    def __init__(self, in_caps: int, in_dim: int, out_caps: int, out_dim: int, iterations: int = 3, *,
+                 bias: bool = False, leaky: bool = False, detach_routing: bool = False):
+        super().__init__()
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        self.in_caps, self.in_dim, self.out_caps, self.out_dim = in_caps, in_dim, out_caps, out_dim
+        self.iterations, self.leaky, self.detach_routing = iterations, leaky, detach_routing
+        self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dim, in_dim))
+        self.bias = nn.Parameter(torch.empty(out_caps, out_dim)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=0.01)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return type(self)._routing(u, self.weight, self.iterations, bias=self.bias, leaky=self.leaky,
+                                   detach_routing=self.detach_routing)
+
+    def extra_repr(self):
+        return (f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, "
+                f"out_dim={self.out_dim}, iterations={self.iterations}, bias={self.bias is not None}, "
+                f"leaky={self.leaky}, detach_routing={self.detach_routing}")
+
+
+class Decoder(nn.Module):
+    """Reconstruction network: the masked digit capsules (J * D) -> 512 -> 1024 -> image, sigmoid."""
+
+    def __init__(self, in_features=10 * 16, image_shape=(1, 28, 28)):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        self.net = nn.Sequential(
+            nn.Linear(in_features, 512), nn.ReLU(inplace=True),
+            nn.Linear(512, 1024), nn.ReLU(inplace=True),
+            nn.Linear(1024, math.prod(self.image_shape)), nn.Sigmoid(),
+        )
+
+    def forward(self, masked_caps: torch.Tensor) -> torch.Tensor:
+        return self.net(masked_caps.flatten(1)).view(-1, *self.image_shape)

@@ -1,0 +1,81 @@
+"""The paper's MNIST CapsNet and its losses."""
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Decoder, DigitCaps, PrimaryCaps
+
+__all__ = ["CapsNet", "CapsNetOutput", "margin_loss", "reconstruction_loss", "capsnet_loss"]
+
+
+class CapsNetOutput(NamedTuple):
+    lengths: torch.Tensor          # [B, classes], |v_j|: the class probabilities
+    reconstruction: torch.Tensor   # [B, 1, 28, 28]
+    caps: torch.Tensor             # [B, classes, 16], the digit capsules v
+
+
+class CapsNet(nn.Module):
+    """Sabour et al. (2017) MNIST CapsNet: 8,215,568 parameters with the decoder.
+
+    Conv1 256 x 9x9 stride 1 + ReLU -> PrimaryCaps 32 types of 8-D, 9x9 stride 2 (1152 capsules,
+    squashed) -> DigitCaps 10 x 16-D with `iterations` of dynamic routing -> decoder.
+
+    routing: "fused" (FusedDigitCaps, the Triton op; on a CPU without the interpreter it falls
+    back to the reference with a warning) or "eager" (DigitCaps, the reference loop). Both have
+    the same parameters and state_dict keys, so checkpoints move freely between them.
+
+    forward(x, y=None): the decoder is fed the capsule of class y when labels are given
+    (training) and of the predicted class otherwise (test); all other capsules are masked to 0.
+    """
+
+    def __init__(self, routing: str = "fused", iterations: int = 3, num_classes: int = 10, *,
+                 bias: bool = False, leaky: bool = False, detach_routing: bool = False):
+        super().__init__()
+        if routing == "fused":
+            from .routing import FusedDigitCaps as digit_caps_cls
+        elif routing == "eager":
+            digit_caps_cls = DigitCaps
+        else:
+            raise ValueError(f"routing must be 'fused' or 'eager', got {routing!r}")
+        self.routing = routing
+        self.conv1 = nn.Conv2d(1, 256, kernel_size=9, stride=1)
+        self.primary_caps = PrimaryCaps(256, caps_types=32, caps_dim=8, kernel_size=9, stride=2)
+        self.digit_caps = digit_caps_cls(32 * 6 * 6, 8, num_classes, 16, iterations, bias=bias, leaky=leaky,
+                                         detach_routing=detach_routing)
+        self.decoder = Decoder(num_classes * 16, (1, 28, 28))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> CapsNetOutput:
+        if x.dim() != 4 or x.shape[1:] != (1, 28, 28):
+            raise ValueError(f"CapsNet expects images of shape [B, 1, 28, 28], got {tuple(x.shape)}")
+        u = self.primary_caps(F.relu(self.conv1(x)))
+        caps = self.digit_caps(u)
+        lengths = torch.linalg.vector_norm(caps.float(), dim=-1)
+        target = y if y is not None else lengths.argmax(dim=1)
+        mask = F.one_hot(target, caps.shape[1]).to(caps.dtype)
+        reconstruction = self.decoder(caps * mask.unsqueeze(-1))
+        return CapsNetOutput(lengths, reconstruction, caps)
+
+
+def margin_loss(lengths: torch.Tensor, labels: torch.Tensor, m_plus: float = 0.9, m_minus: float = 0.1,
+                lam: float = 0.5) -> torch.Tensor:
+    """Margin loss, summed over classes, averaged over the batch:
+    L = T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2."""
+    target = F.one_hot(labels, lengths.shape[1]).to(lengths.dtype)
+    present = target * F.relu(m_plus - lengths) ** 2
+    absent = lam * (1 - target) * F.relu(lengths - m_minus) ** 2
+    return (present + absent).sum(dim=1).mean()
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, scale: float = 0.0005) -> torch.Tensor:
+    """scale x the summed squared error over the pixels of an image, averaged over the batch."""
+    sse = (reconstruction.float() - images.float()).pow(2).flatten(1).sum(dim=1)
+    return scale * sse.mean()
+
+
+def capsnet_loss(output: CapsNetOutput, images: torch.Tensor, labels: torch.Tensor):
+    """Total loss = margin + 0.0005 x SSE; returns (total, margin, reconstruction)."""
+    margin = margin_loss(output.lengths, labels)
+    recon = reconstruction_loss(output.reconstruction, images)
+    return margin + recon, margin, recon

@@ -1,0 +1,83 @@
+"""The eager reference: the executable specification of dynamic routing.
+
+Loop-simple PyTorch, written from Sabour, Frosst & Hinton (2017), "Dynamic Routing Between
+Capsules", and the authors' TensorFlow code (bias on s, leaky routing). Every kernel in
+fastcaps is tested against these functions; they are never changed to match a kernel.
+
+It is also the baseline of the benchmarks: it materialises the predictions u_hat
+([B, I, J, D]) and lets autograd keep what it needs, as public CapsNet ports do.
+"""
+import torch
+
+__all__ = ["squash", "dynamic_routing"]
+
+
+def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Squash non-linearity, v = |s|^2 / (1 + |s|^2) * s / |s|, along `dim`.
+
+    Computed as the algebraically identical v = s * |s| / (1 + |s|^2), which is finite at
+    s = 0 without any epsilon: there v = 0, and the gradient is its true value, 0 (the norm's
+    subgradient at 0 is taken as 0, which is what torch.linalg.vector_norm's backward does).
+    No epsilon is added anywhere, so values away from 0 are exact.
+
+    Half-precision inputs are computed in float32 and cast back, so |s|^2 cannot overflow
+    (|s| of a float16 vector can reach 65504 * sqrt(n), whose square overflows float16).
+    """
+    compute_dtype = torch.float32 if s.dtype in (torch.float16, torch.bfloat16) else s.dtype
+    s_c = s.to(compute_dtype)
+    norm = torch.linalg.vector_norm(s_c, dim=dim, keepdim=True)
+    return (s_c * (norm / (1 + norm * norm))).to(s.dtype)
+
+
+def _coupling(logits: torch.Tensor, leaky: bool) -> torch.Tensor:
+    """Coupling coefficients c = softmax over the output capsules (last dim of logits).
+
+    Leaky routing (authors' code): an extra logit fixed at 0 joins the softmax, takes part of
+    each input capsule's mass, and is then dropped, so the c of one input sum to less than 1.
+    """
+    if not leaky:
+        return torch.softmax(logits, dim=-1)
+    leak = torch.zeros_like(logits[..., :1])
+    return torch.softmax(torch.cat([leak, logits], dim=-1), dim=-1)[..., 1:]
+
+
+def dynamic_routing(u: torch.Tensor, weight: torch.Tensor, iterations: int = 3, *,
+                    bias: torch.Tensor | None = None, leaky: bool = False,
+                    detach_routing: bool = False) -> torch.Tensor:
+    """Routing-by-agreement between input capsules u and output capsules v.
+
+    Args:
+        u: [B, I, K] input capsules (for CapsNet, the squashed primary capsules).
+        weight: [I, J, D, K], one transform per (input i, output j): u_hat_ij = W_ij u_i.
+        iterations: R >= 1 routing iterations (the paper uses 3).
+        bias: optional [J, D], added to s before the squash (the authors' code has one).
+        leaky: add a zero logit to the softmax that takes mass and is dropped.
+        detach_routing: stop the gradient through the routing iterations but the last: the
+            coupling coefficients of the last iteration are treated as constants, so the
+            gradient reaches u and W only through the last weighted sum.
+
+    Returns:
+        v: [B, J, D], the output capsules of the last iteration.
+
+    Per iteration r: c = softmax_j(b); s_j = sum_i c_ij u_hat_ij (+ bias_j); v_j = squash(s_j);
+    and, except after the last one, b_ij += u_hat_ij . v_j. b starts at 0. The gradient flows
+    through every iteration (through c and b too) unless detach_routing is set.
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    # u_hat[b, i, j, d] = sum_k W[i, j, d, k] u[b, i, k]
+    u_hat = torch.einsum("ijdk,bik->bijd", weight, u)
+    batch, in_caps, out_caps, _ = u_hat.shape
+    logits = torch.zeros(batch, in_caps, out_caps, dtype=u_hat.dtype, device=u_hat.device)
+    for r in range(iterations):
+        last = r == iterations - 1
+        if last and detach_routing:
+            logits = logits.detach()
+        c = _coupling(logits, leaky)
+        s = (c.unsqueeze(-1) * u_hat).sum(dim=1)
+        if bias is not None:
+            s = s + bias
+        v = squash(s)
+        if not last:
+            logits = logits + (u_hat * v.unsqueeze(1)).sum(dim=-1)
+    return v

@@ -1,0 +1,184 @@
+"""The fused routing op: functional API, autograd.Function, torch.library custom ops, module.
+
+`fastcaps.dynamic_routing` has the signature and semantics of
+`fastcaps.reference.dynamic_routing` and runs the Triton kernels of `fastcaps.kernels.routing`
+(on CUDA tensors, or on CPU tensors under Triton's interpreter, TRITON_INTERPRET=1). Elsewhere
+it falls back to the reference and warns once.
+
+What autograd keeps for the backward: the inputs u, W and two fp32 (fp64 for fp64 inputs)
+tensors of the per-sample routing state, s^(r) ([R, B, J, D]) and V^(r) = v^(0)+...+v^(r-1)
+([R-1, B, J, D]), i.e. O(B R J D) numbers. u_hat, the logits b and the couplings c are never
+written to memory; the backward recomputes them (see kernels/routing.py for the math).
+"""
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .layers import DigitCaps
+from .kernels import routing as _kernels
+
+__all__ = ["dynamic_routing", "FusedDigitCaps", "kernels_available"]
+
+_PRECISIONS = ("ieee", "tf32")
+# opt-in check that inputs are finite: costs a reduction and a device sync per call
+_CHECK_FINITE = os.environ.get("FASTCAPS_CHECK_FINITE", "0") == "1"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_fallback_warned = False
+
+
+# ---------------------------------------------------------------- custom ops (opaque to compile)
+
+@torch.library.custom_op("fastcaps::routing_forward", mutates_args=())
+def _routing_forward_op(u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int, leaky: bool,
+                        input_precision: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels.routing_forward(u, weight, bias, iterations, leaky, input_precision)
+
+
+@_routing_forward_op.register_fake
+def _(u, weight, bias, iterations, leaky, input_precision):
+    batch, (_, out_caps, out_dim, _) = u.shape[0], weight.shape
+    state_dtype = _kernels.state_dtype(u.dtype)
+    return (u.new_empty(batch, out_caps, out_dim),
+            u.new_empty(iterations, batch, out_caps, out_dim, dtype=state_dtype),
+            u.new_empty(iterations - 1, batch, out_caps, out_dim, dtype=state_dtype))
+
+
+@torch.library.custom_op("fastcaps::routing_backward", mutates_args=())
+def _routing_backward_op(grad_v: Tensor, u: Tensor, weight: Tensor, s_all: Tensor, v_sums: Tensor,
+                         iterations: int, leaky: bool, detach_routing: bool,
+                         input_precision: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels.routing_backward(grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing,
+                                     input_precision)
+
+
+@_routing_backward_op.register_fake
+def _(grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing, input_precision):
+    _, out_caps, out_dim, _ = weight.shape
+    return torch.empty_like(u), torch.empty_like(weight), u.new_empty(out_caps, out_dim)
+
+
+# ---------------------------------------------------------------- autograd
+
+class FusedRoutingFunction(torch.autograd.Function):
+    """Forward: R streaming passes over the input capsules (one launch each).
+    Backward: R-1 reverse passes for the gradient of the routing state, then one pass that
+    recomputes u_hat, c and the softmax gradient per input capsule and contracts the gradient of
+    u_hat at once into du and dW (deterministic: dW is reduced in a fixed order, no atomics)."""
+
+    @staticmethod
+    def forward(u, weight, bias, iterations, leaky, detach_routing, input_precision):
+        return torch.ops.fastcaps.routing_forward(u, weight, bias, iterations, leaky, input_precision)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, weight, bias, iterations, leaky, detach_routing, input_precision = inputs
+        _, s_all, v_sums = output
+        ctx.save_for_backward(u, weight, s_all, v_sums)
+        ctx.mark_non_differentiable(s_all, v_sums)
+        ctx.has_bias = bias is not None
+        ctx.options = (iterations, leaky, detach_routing, input_precision)
+
+    @staticmethod
+    def backward(ctx, grad_v, _grad_s, _grad_v_sums):
+        u, weight, s_all, v_sums = ctx.saved_tensors
+        grad_u, grad_weight, grad_bias = torch.ops.fastcaps.routing_backward(
+            grad_v, u, weight, s_all, v_sums, *ctx.options)
+        return grad_u, grad_weight, (grad_bias if ctx.has_bias else None), None, None, None, None
+
+
+# ---------------------------------------------------------------- functional API
+
+def kernels_available(device: torch.device) -> bool:
+    """True where the Triton kernels run: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    return device.type == "cuda" or (device.type == "cpu" and _kernels.INTERPRET)
+
+
+def _default_precision() -> str:
+    # follow PyTorch's own switch for float32 matmuls: "highest" -> IEEE fp32, else tf32
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _check_inputs(u, weight, bias, iterations, input_precision):
+    if not isinstance(u, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("u and weight must be tensors")
+    if u.dim() != 3:
+        raise ValueError(f"u must be [B, I, K] (rank 3), got shape {tuple(u.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be [I, J, D, K] (rank 4), got shape {tuple(weight.shape)}")
+    batch, in_caps, in_dim = u.shape
+    w_in_caps, out_caps, out_dim, w_in_dim = weight.shape
+    if (w_in_caps, w_in_dim) != (in_caps, in_dim):
+        raise ValueError(f"u [B, I, K] = {tuple(u.shape)} and weight [I, J, D, K] = {tuple(weight.shape)} "
+                         f"disagree on I or K")
+    if min(batch, in_caps, in_dim, out_caps, out_dim) < 1:
+        raise ValueError(f"every size must be >= 1, got u {tuple(u.shape)}, weight {tuple(weight.shape)}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.shape != (out_caps, out_dim):
+            raise ValueError(f"bias must be [J, D] = {(out_caps, out_dim)}, got "
+                             f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+    tensors = {"u": u, "weight": weight} | ({"bias": bias} if bias is not None else {})
+    for name, t in tensors.items():
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+    if len({t.dtype for t in tensors.values()}) > 1:
+        raise TypeError("u, weight and bias must share one dtype, got "
+                        + ", ".join(f"{n}: {t.dtype}" for n, t in tensors.items()))
+    if len({t.device for t in tensors.values()}) > 1:
+        raise ValueError("u, weight and bias must be on one device, got "
+                         + ", ".join(f"{n}: {t.device}" for n, t in tensors.items()))
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    if input_precision not in _PRECISIONS:
+        raise ValueError(f"input_precision must be one of {_PRECISIONS} or None, got {input_precision!r}")
+    if _CHECK_FINITE:
+        for name, t in tensors.items():
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{name} contains NaN or Inf (FASTCAPS_CHECK_FINITE=1)")
+
+
+def dynamic_routing(u: Tensor, weight: Tensor, iterations: int = 3, *, bias: Tensor | None = None,
+                    leaky: bool = False, detach_routing: bool = False,
+                    input_precision: str | None = None) -> Tensor:
+    """Fused dynamic routing; same signature and semantics as fastcaps.reference.dynamic_routing.
+
+    u [B, I, K], weight [I, J, D, K], optional bias [J, D] -> v [B, J, D] in the input dtype
+    (float16, bfloat16, float32 or float64; arithmetic in fp32, fp64 for fp64 inputs).
+
+    input_precision: how float32 inputs enter the u_hat = W u products: "ieee" (exact fp32)
+    or "tf32" (tensor cores, about 1e-3 relative error per product). Default: follow
+    torch.get_float32_matmul_precision() ("highest", PyTorch's default, gives "ieee").
+    Half-precision inputs always use their tensor-core products with fp32 accumulation.
+
+    Under torch.autocast the op casts u, weight and bias to the autocast dtype, like a matmul.
+    Set FASTCAPS_CHECK_FINITE=1 to reject NaN/Inf inputs with an error (costs a device sync).
+    """
+    if input_precision is None:
+        input_precision = _default_precision()
+    _check_inputs(u, weight, bias, iterations, input_precision)
+    device_type = u.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        u, weight = u.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if not kernels_available(u.device):
+        global _fallback_warned
+        if not _fallback_warned:
+            _fallback_warned = True
+            warnings.warn(f"fastcaps.dynamic_routing: no Triton kernels for {u.device} tensors (they run on "
+                          "CUDA, or on the CPU with TRITON_INTERPRET=1); using the eager reference.",
+                          RuntimeWarning, stacklevel=2)
+        return reference.dynamic_routing(u, weight, iterations, bias=bias, leaky=leaky,
+                                         detach_routing=detach_routing)
+    v, _, _ = FusedRoutingFunction.apply(u, weight, bias, iterations, leaky, detach_routing, input_precision)
+    return v
+
+
+class FusedDigitCaps(DigitCaps):
+    """Drop-in for fastcaps.DigitCaps with the fused routing op: same constructor, parameters
+    and state_dict keys, so either module loads the other's state_dict."""
+
+    _routing = staticmethod(dynamic_routing)

@@ -1,0 +1,1 @@
+"""Triton kernels of fastcaps, one module per op (installed as fastcaps.kernels)."""
