@@ -1,0 +1,250 @@
+"""The benchmark sweep: `python -m benchmarks.run [--quick] [options]` from the repository root.
+
+For the device it runs on (the GPU when there is one) it measures routing fwd / bwd / fwd+bwd
+for the eager reference, torch.compile of it and the fused op over batch sizes and dtypes, the
+roofline of the fused op and a CapsNet training step, then writes
+benchmarks/results/<device>.json, .md and .png and prints the fused/eager and fused/compile
+ratios. What each timing covers: benchmarks/harness.py (routing), benchmarks/e2e.py (training
+step), benchmarks/roofline.py (cost model and floors).
+
+The whole run keeps to --max-seconds: every measurement gets an equal share of what is left
+(between fixed bounds), and measurements that no longer fit are recorded as skipped.
+"""
+import argparse
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import e2e, harness, report, roofline
+
+FULL_BATCHES = tuple(2**p for p in range(14))  # 1 .. 8192
+QUICK_BATCHES = (2, 8)  # no batch 1: its specialised torch.compile graph costs ~20 s on a 2-core CPU
+# per-measurement timing: repetitions, bounds of the target time (s), warm-up (s)
+FULL_TIMING = {"min_reps": 10, "max_reps": 1000, "target_s": (0.05, 0.5), "warmup_s": 0.05}
+QUICK_TIMING = {"min_reps": 3, "max_reps": 20, "target_s": (0.005, 0.05), "warmup_s": 0.0}
+TAIL_S = 10.0  # kept back from the budget for writing the results and the plot
+
+
+def _choices(allowed, convert=str):
+    def parse(text):
+        values = [convert(item) for item in text.split(",") if item]
+        bad = [v for v in values if allowed is not None and v not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {list(allowed)}, got {text!r}")
+        return tuple(values)
+    return parse
+
+
+def _positive_ints(text):
+    values = _choices(None, int)(text)
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return values
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: batches {QUICK_BATCHES}, 3-20 repetitions, small roofline sizes, "
+                             "CapsNet batch 4, budget 110 s")
+    parser.add_argument("--providers", type=_choices(harness.PROVIDERS), default=harness.PROVIDERS)
+    parser.add_argument("--passes", type=_choices(harness.PASSES), default=harness.PASSES)
+    parser.add_argument("--dtypes", type=_choices(tuple(harness.DTYPES)), default=tuple(harness.DTYPES))
+    parser.add_argument("--batches", type=_positive_ints, default=None,
+                        help=f"comma-separated batch sizes (default {FULL_BATCHES[0]}..{FULL_BATCHES[-1]}, "
+                             "powers of 2)")
+    parser.add_argument("--iterations", type=int, default=3, help="routing iterations R")
+    parser.add_argument("--matmul-precision", choices=sorted(harness.MATMUL_PRECISIONS), default="highest",
+                        help="torch.set_float32_matmul_precision for every provider; the fused op gets the "
+                             "matching input_precision (highest -> ieee, high -> tf32)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="budget of the whole run (default 280, 110 with --quick)")
+    parser.add_argument("--e2e-batch", type=int, default=None, help="CapsNet training-step batch (default 128, "
+                                                                    "4 with --quick)")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the CapsNet training-step benchmark")
+    parser.add_argument("--no-roofline", action="store_true", help="skip measuring the device's rates")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    if args.iterations < 1:
+        parser.error("--iterations must be >= 1")
+    args.batches = args.batches or (QUICK_BATCHES if args.quick else FULL_BATCHES)
+    args.max_seconds = args.max_seconds or (110.0 if args.quick else 280.0)
+    args.e2e_batch = args.e2e_batch or (4 if args.quick else 128)
+    return args
+
+
+class Budget:
+    """Splits what is left of --max-seconds evenly over the measurements still to run."""
+
+    def __init__(self, seconds: float, timing: dict):
+        self.start = time.perf_counter()
+        self.deadline = self.start + seconds - TAIL_S
+        self.lo, self.hi = timing["target_s"]
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def exhausted(self) -> bool:
+        return time.perf_counter() >= self.deadline
+
+    def target_s(self, measurements_left: int) -> float:
+        # half of the share: warm-up, the memory call and the untimed forward of "bwd" take the rest
+        share = (self.deadline - time.perf_counter()) / max(1, measurements_left)
+        return min(self.hi, max(self.lo, 0.5 * share))
+
+
+def _timing_kwargs(timing: dict, budget: Budget, left: int) -> dict:
+    return {"min_reps": timing["min_reps"], "max_reps": timing["max_reps"], "warmup_s": timing["warmup_s"],
+            "target_s": budget.target_s(left)}
+
+
+def _format_row(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['status']}: {row.get('reason', '')}"
+    peak = "" if row["peak_mb"] is None else f", peak {row['peak_mb']:.1f} MB"
+    return (f"{row['median_ms']:.4f} ms (p20 {row['p20_ms']:.4f}, p80 {row['p80_ms']:.4f}, "
+            f"{row['reps']} reps, {row['input_sets']} sets){peak}")
+
+
+def _compile_all(args, device, routing, budget) -> tuple[list, dict]:
+    """Compile torch.compile's graphs for every dtype before any timing; returns the records
+    and, per dtype whose compilation failed, the failure."""
+    records, failed = [], {}
+    for dtype_name in args.dtypes:
+        harness.log(f"[{budget.elapsed():6.1f}s] compiling the reference for {dtype_name} ...")
+        outcome = harness.guarded(lambda: {"graphs": harness.compile_warmup(
+            routing, harness.DTYPES[dtype_name], device, harness.MNIST_SHAPE, args.batches)}, device)
+        if outcome["status"] != "ok":
+            failed[dtype_name] = outcome
+            records.append({"dtype": dtype_name, **outcome})
+            continue
+        for graph in outcome["graphs"]:
+            records.append({"dtype": dtype_name, **graph})
+            harness.log(f"  {graph['graph']}: first forward {graph['first_forward_s']:.1f} s, "
+                        f"first backward {graph['first_backward_s']:.1f} s")
+    return records, failed
+
+
+def sweep(args) -> dict:
+    device = harness.default_device()
+    precision = harness.set_precision(args.matmul_precision)
+    env = harness.environment(device)
+    timing = QUICK_TIMING if args.quick else FULL_TIMING
+    budget = Budget(args.max_seconds, timing)
+    shape = harness.MNIST_SHAPE
+    harness.log(f"fastcaps benchmarks on {env['device']['name']} (torch {env['versions']['torch']}, "
+                f"triton {env['versions']['triton']}, CUDA {env['versions']['cuda']}); precision {precision}; "
+                f"budget {args.max_seconds:.0f} s")
+
+    result = {
+        "schema": "fastcaps-bench/1",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
+        **env,
+        "precision": precision,
+        "config": {"quick": args.quick, "providers": list(args.providers), "passes": list(args.passes),
+                   "dtypes": list(args.dtypes), "batches": list(args.batches), "iterations": args.iterations,
+                   "shape": shape, "max_seconds": args.max_seconds, "timing": {**timing, "target_s": list(timing["target_s"])},
+                   "e2e_batch": None if args.no_e2e else args.e2e_batch},
+    }
+
+    if args.no_roofline:
+        rates = None
+    else:  # first: the large products also bring the GPU to its working clocks
+        harness.log(f"[{budget.elapsed():6.1f}s] measuring copy bandwidth and matmul rates ...")
+        rates = roofline.measure_rates(device, quick=args.quick)
+        for name, entry in rates.items():
+            value = (f"{entry['GBps']:.0f} GB/s" if "GBps" in entry else f"{entry['TFLOPS']:.1f} TFLOP/s"
+                     if "TFLOPS" in entry else f"{entry['status']}: {entry['reason']}")
+            harness.log(f"  {name}: {value}")
+
+    routing = {p: harness.make_routing(p, args.iterations, precision["fused_input_precision"])
+               for p in args.providers}
+    compile_failed = {}
+    if "compile" in args.providers:
+        result["compile"], compile_failed = _compile_all(args, device, routing["compile"], budget)
+
+    plan = [(dtype_name, batch, provider, pass_) for dtype_name in args.dtypes
+            for batch in sorted(args.batches, reverse=True)  # largest first: the headline rows, and OOMs, early
+            for provider in args.providers for pass_ in args.passes]
+    e2e_plan = [] if args.no_e2e else [(r, p) for p in e2e.E2E_PRECISIONS for r in e2e.E2E_PROVIDERS]
+    total = len(plan) + len(e2e_plan)
+    # measurements that will actually run, for sharing out the budget
+    runnable = [harness.unavailable_reason(provider, device) is None
+                and not (provider == "compile" and dtype_name in compile_failed)
+                for dtype_name, _, provider, _ in plan]
+    runnable += [harness.unavailable_reason(r, device) is None for r, _ in e2e_plan]
+    rows, sets, sets_key = [], None, None
+    for index, (dtype_name, batch, provider, pass_) in enumerate(plan):
+        dtype = harness.DTYPES[dtype_name]
+        row = {"provider": provider, "pass": pass_, "batch": batch, "iterations": args.iterations, "dtype": dtype_name}
+        reason = harness.unavailable_reason(provider, device)
+        if reason:
+            row.update(status="skipped", reason=reason)
+        elif provider == "compile" and dtype_name in compile_failed:
+            row.update(status="error", reason=f"compilation failed: {compile_failed[dtype_name]['reason']}")
+        elif budget.exhausted():
+            row.update(status="skipped", reason=f"time budget (--max-seconds {args.max_seconds:.0f}) exhausted")
+        else:
+            if sets_key != (dtype_name, batch):
+                sets = None  # free the previous inputs first
+                harness.free_memory(device)
+                n_sets = harness.input_sets_needed(batch, dtype, device, shape)
+                sets, sets_key = harness.make_inputs(batch, dtype, device, shape, n_sets), (dtype_name, batch)
+            prepare, timed = harness.make_pass(pass_, routing[provider], sets)
+            kwargs = _timing_kwargs(timing, budget, sum(runnable[index:]))
+            row.update(harness.guarded(lambda: harness.measure(prepare, timed, device, n_sets=len(sets), **kwargs),
+                                       device))
+        rows.append(row)
+        harness.log(f"[{budget.elapsed():6.1f}s {index + 1:3d}/{total}] {provider:7s} {pass_:7s} {dtype_name:8s} "
+                    f"B={batch:<5d} {_format_row(row)}")
+    sets = None
+    harness.free_memory(device)
+    result["rows"] = rows
+    result["ratios"] = report.ratios(rows)
+
+    result["e2e"] = []
+    for offset, (routing_name, e2e_precision) in enumerate(e2e_plan):
+        index = len(plan) + offset
+        if budget.exhausted():
+            row = {"routing": routing_name, "precision": e2e_precision, "batch": args.e2e_batch,
+                   "iterations": args.iterations, "status": "skipped",
+                   "reason": f"time budget (--max-seconds {args.max_seconds:.0f}) exhausted"}
+        else:
+            row = e2e.train_step_row(routing_name, e2e_precision, args.e2e_batch, device, args.iterations,
+                                     **_timing_kwargs(timing, budget, sum(runnable[index:])))
+        result["e2e"].append(row)
+        harness.log(f"[{budget.elapsed():6.1f}s {index + 1:3d}/{total}] CapsNet step {routing_name:5s} "
+                    f"{e2e_precision:13s} B={args.e2e_batch} {_format_row(row)}")
+
+    if rates is None:
+        result["roofline"] = {"status": "skipped", "reason": "--no-roofline"}
+    else:
+        result["roofline"] = {"status": "ok", "rates": rates,
+                              "rows": roofline.roofline_rows(rows, rates, shape, precision["fused_input_precision"])}
+    result["complete"] = all(r["status"] != "skipped" or "budget" not in r.get("reason", "")
+                             for r in rows + result["e2e"])
+    result["elapsed_s"] = budget.elapsed()
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = sweep(args)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / harness.device_slug(result)
+    paths = report.write(result, stem)
+    harness.log("")
+    harness.log(report.ratios_markdown(result))
+    harness.log(report.roofline_markdown(result))
+    harness.log("wrote " + ", ".join(str(p) for p in paths) + f" ({result['elapsed_s']:.1f} s of measurements)")
+    if not result["complete"]:
+        harness.log(f"WARNING: the time budget ran out; some measurements are recorded as skipped "
+                    f"(raise --max-seconds)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
