@@ -36,6 +36,15 @@ def _num(value) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
+def rate_text(entry: dict) -> str:
+    """One measured device rate (benchmarks.roofline.measure_rates) as text."""
+    if "GBps" in entry:
+        return f"{_num(entry['GBps'])} GB/s"
+    if "TFLOPS" in entry:
+        return f"{_num(entry['TFLOPS'])} TFLOP/s"
+    return f"{entry['status']}: {entry['reason']}"
+
+
 def _cell(row: dict | None) -> str:
     if row is None:
         return ""
@@ -73,8 +82,7 @@ def roofline_markdown(result: dict) -> str:
     if roof.get("status") != "ok":
         return "\n".join(lines + [f"Skipped: {roof.get('reason', 'not measured')}.", ""])
     rates = roof["rates"]
-    rate_cells = [[name, (f"{e['GBps']:,.0f} GB/s" if "GBps" in e else f"{e['TFLOPS']:.1f} TFLOP/s"
-                          if "TFLOPS" in e else f"{e['status']}: {e['reason']}")] for name, e in rates.items()]
+    rate_cells = [[name, rate_text(entry)] for name, entry in rates.items()]
     lines += ["Measured rates (copy: bytes read + written; matmul: large square torch.mm):", ""]
     lines += _table(["rate", "value"], rate_cells) + [""]
     if not roof["rows"]:
@@ -163,6 +171,7 @@ def plot(result: dict, path: Path):
     fig, axes = plt.subplots(2, len(passes), figsize=(5.5 * len(passes), 8), squeeze=False)
     for col, pass_ in enumerate(passes):
         time_ax, mem_ax = axes[0][col], axes[1][col]
+        plotted = {time_ax: False, mem_ax: False}
         for provider in cfg["providers"]:
             for dtype in cfg["dtypes"]:
                 rows = sorted((r for r in result["rows"] if (r["provider"], r["pass"], r["dtype"]) ==
@@ -179,19 +188,21 @@ def plot(result: dict, path: Path):
                 medians = [r["median_ms"] for r in ok]
                 errors = [[m - r["p20_ms"] for m, r in zip(medians, ok)], [r["p80_ms"] - m for m, r in zip(medians, ok)]]
                 time_ax.errorbar(batches, medians, yerr=errors, label=label, capsize=2, **style)
+                plotted[time_ax] = True
                 mem = [(r["batch"], r["peak_mb"]) for r in ok if r["peak_mb"]]
                 if mem:
                     mem_ax.plot(*zip(*mem), **style)
+                    plotted[mem_ax] = True
         time_ax.set_title(f"routing {pass_}: median time")
         time_ax.set_ylabel("ms")
         mem_ax.set_title(f"routing {pass_}: peak memory above inputs")
         mem_ax.set_ylabel("MB")
-        if not mem_ax.lines:
+        if plotted[time_ax] and not plotted[mem_ax]:
             mem_ax.text(0.5, 0.5, "peak memory is measured on CUDA only", ha="center", transform=mem_ax.transAxes)
         for ax in (time_ax, mem_ax):
-            ax.set_xscale("log", base=2)
             ax.set_xlabel("batch")
-            if ax.lines or ax.collections:
+            if plotted[ax]:  # log scales need data
+                ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)
         time_ax.legend(fontsize=7)

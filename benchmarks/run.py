@@ -156,9 +156,7 @@ def sweep(args) -> dict:
         harness.log(f"[{budget.elapsed():6.1f}s] measuring copy bandwidth and matmul rates ...")
         rates = roofline.measure_rates(device, quick=args.quick)
         for name, entry in rates.items():
-            value = (f"{entry['GBps']:.0f} GB/s" if "GBps" in entry else f"{entry['TFLOPS']:.1f} TFLOP/s"
-                     if "TFLOPS" in entry else f"{entry['status']}: {entry['reason']}")
-            harness.log(f"  {name}: {value}")
+            harness.log(f"  {name}: {report.rate_text(entry)}")
 
     routing = {p: harness.make_routing(p, args.iterations, precision["fused_input_precision"])
                for p in args.providers}
