@@ -1,0 +1,254 @@
+"""Evaluate a trained CapsNet: `fastcaps evaluate CHECKPOINT` / `python -m fastcaps.evaluate`.
+
+Prints the test error and the confusion matrix and writes, into --out (default: a folder
+`eval` beside the checkpoint): evaluation.json, confusion_matrix.csv and the figures
+reconstructions.png (inputs above their reconstructions), perturbation.png (the paper's
+Figure 4: each of the 16 dimensions of the predicted digit capsule moved over [-0.25, 0.25]
+in steps of 0.05, then decoded) and training_curves.png (from metrics.jsonl beside the
+checkpoint, when there is one). The figures need matplotlib (`pip install fastcaps[viz]`).
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import load_mnist
+from .model import CapsNet, capsnet_loss
+
+__all__ = ["predict", "load_model", "confusion_matrix", "perturbation_grid", "evaluate_checkpoint", "main"]
+
+PERTURBATIONS = torch.arange(-5, 6) * 0.05  # the paper's [-0.25, 0.25] in steps of 0.05; exactly 0 in the middle
+
+
+class ConfigError(ValueError):
+    """A bad option or input that the command line reports as an error, without a traceback."""
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+            bf16: bool = False):
+    """Predicted classes [N] and the test losses summed over the N images (float64 [3]: total,
+    margin, reconstruction). The decoder sees the predicted capsule, as at test time in the paper."""
+    model.eval()
+    predictions = torch.empty_like(labels)
+    sums = torch.zeros(3, dtype=torch.float64, device=images.device)
+    for start in range(0, len(images), batch_size):
+        x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+            losses = capsnet_loss(out, x, y)
+        predictions[start:start + len(x)] = out.lengths.argmax(dim=1)
+        sums += torch.stack(losses).double() * len(x)
+    return predictions, sums
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint of `fastcaps train`, on the CPU (generator states must be CPU tensors; the
+    model and optimizer states are copied to their device when loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model(checkpoint: dict, routing: str, device) -> CapsNet:
+    """The CapsNet of a training checkpoint, with its number of routing iterations."""
+    model = CapsNet(routing=routing, iterations=checkpoint["config"]["iterations"]).to(device)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
+    """[true class, predicted class] counts."""
+    flat = labels * num_classes + predictions
+    return torch.bincount(flat, minlength=num_classes ** 2).view(num_classes, num_classes).cpu()
+
+
+def format_confusion(matrix: torch.Tensor) -> str:
+    width = max(5, len(str(int(matrix.max()))) + 1)
+    lines = ["true\\pred" + "".join(f"{j:>{width}}" for j in range(matrix.shape[1]))]
+    lines += [f"{i:>9}" + "".join(f"{int(n):>{width}}" for n in row) for i, row in enumerate(matrix)]
+    return "\n".join(lines)
+
+
+@torch.inference_mode()
+def perturbation_grid(model: CapsNet, image: torch.Tensor) -> torch.Tensor:
+    """Decodings of one image's predicted digit capsule with one dimension moved at a time:
+    [16 dimensions, 11 perturbations, 28, 28]."""
+    caps = model(image[None]).caps[0].float()                  # [10, 16]
+    digit = int(caps.norm(dim=-1).argmax())
+    dims, steps = caps.shape[1], len(PERTURBATIONS)
+    moved = caps[digit].expand(dims, steps, dims).clone()      # [dimension, step, capsule value]
+    eye = torch.eye(dims, device=caps.device)
+    moved += eye[:, None, :] * PERTURBATIONS.to(caps.device)[None, :, None]
+    masked = torch.zeros(dims, steps, *caps.shape, device=caps.device)
+    masked[:, :, digit] = moved
+    return model.decoder(masked.flatten(0, 1)).view(dims, steps, 28, 28).cpu()
+
+
+def _figure_module():
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    except ImportError as err:
+        raise ConfigError("the figures need matplotlib: pip install 'fastcaps[viz]' "
+                          "(or pip install matplotlib)") from err
+    return Figure
+
+
+def save_reconstructions(path, images, reconstructions, labels, predictions):
+    Figure = _figure_module()
+    n = len(images)
+    fig = Figure(figsize=(1.1 * n, 2.6))
+    axes = fig.subplots(2, n, squeeze=False)
+    for k in range(n):
+        for row, picture in enumerate((images[k], reconstructions[k])):
+            axes[row, k].imshow(picture.squeeze(0).numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[row, k].set_xticks([])
+            axes[row, k].set_yticks([])
+        axes[0, k].set_title(f"label {int(labels[k])}", fontsize=8)
+        axes[1, k].set_title(f"pred {int(predictions[k])}", fontsize=8)
+    axes[0, 0].set_ylabel("input")
+    axes[1, 0].set_ylabel("reconstruction")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def save_perturbations(path, grids, titles):
+    """One panel per image: rows = the 16 capsule dimensions, columns = -0.25 .. +0.25."""
+    Figure = _figure_module()
+    fig = Figure(figsize=(4.2 * len(grids), 6.6))
+    axes = fig.subplots(1, len(grids), squeeze=False)[0]
+    for ax, grid, title in zip(axes, grids, titles):
+        dims, steps = grid.shape[:2]
+        # tile with a 2-pixel gap so the digits stay apart
+        canvas = np.ones((dims * 30, steps * 30), dtype=np.float32)
+        for d in range(dims):
+            for s in range(steps):
+                canvas[d * 30:d * 30 + 28, s * 30:s * 30 + 28] = grid[d, s].numpy()
+        ax.imshow(canvas, cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([s * 30 + 14 for s in range(steps)], [f"{v:+.2f}" for v in PERTURBATIONS.tolist()],
+                      fontsize=6, rotation=90)
+        ax.set_yticks([d * 30 + 14 for d in range(dims)], [str(d) for d in range(dims)], fontsize=6)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("perturbation")
+        ax.set_ylabel("capsule dimension")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def read_metrics(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_training_curves(path, records):
+    Figure = _figure_module()
+    epochs = [r["epochs_done"] for r in records]
+    fig = Figure(figsize=(10, 3.8))
+    loss_ax, error_ax = fig.subplots(1, 2)
+    loss_ax.plot(epochs, [r["train_loss"] for r in records], "o-", label="train")
+    loss_ax.plot(epochs, [r["test_loss"] for r in records], "o-", label="test")
+    loss_ax.set(xlabel="epoch", ylabel="loss (margin + 0.0005 SSE)", yscale="log", title="loss")
+    loss_ax.legend()
+    error_ax.plot(epochs, [100 - r["train_acc"] for r in records], "o-", label="train (shifted inputs)")
+    error_ax.plot(epochs, [r["test_error"] for r in records], "o-", label="test")
+    error_ax.set(xlabel="epoch", ylabel="error %", yscale="log", title="classification error")
+    error_ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def evaluate_checkpoint(checkpoint_path, out=None, device=None, routing=None, batch_size=200, bf16=False,
+                        test_subset=None, samples=10, perturb=3) -> dict:
+    """Everything `fastcaps evaluate` does; returns the summary written to evaluation.json."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    routing = routing or ("fused" if device.type == "cuda" else "eager")
+    checkpoint_path = Path(checkpoint_path)
+    out = Path(out) if out is not None else checkpoint_path.parent / "eval"
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = load_model(checkpoint, routing, device)
+    images, labels = load_mnist("test", device)
+    if test_subset is not None:
+        images, labels = images[:test_subset], labels[:test_subset]
+    samples, perturb = min(samples, len(images)), min(perturb, len(images))
+
+    start = time.perf_counter()
+    predictions, sums = predict(model, images, labels, batch_size, bf16)
+    matrix = confusion_matrix(labels, predictions)
+    n = len(labels)
+    correct = int(matrix.trace())
+    summary = {"checkpoint": str(checkpoint_path), "step": checkpoint["step"], "images": n,
+               "test_acc": 100 * correct / n, "test_error": 100 * (n - correct) / n,
+               "test_loss": float(sums[0]) / n, "test_margin": float(sums[1]) / n,
+               "test_recon": float(sums[2]) / n, "eval_s": time.perf_counter() - start,
+               "confusion_matrix": matrix.tolist()}
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    np.savetxt(out / "confusion_matrix.csv", matrix.numpy(), fmt="%d", delimiter=",",
+               header="rows: true class 0-9, columns: predicted class 0-9")
+    print(f"test error {summary['test_error']:.2f}% ({n - correct} of {n} wrong), "
+          f"accuracy {summary['test_acc']:.2f}%, loss {summary['test_loss']:.4f}")
+    print("confusion matrix:\n" + format_confusion(matrix))
+
+    with torch.inference_mode():
+        recon = model(images[:samples]).reconstruction.float().cpu()
+    save_reconstructions(out / "reconstructions.png", images[:samples].cpu(), recon, labels[:samples].cpu(),
+                         predictions[:samples].cpu())
+    grids = [perturbation_grid(model, images[k]) for k in range(perturb)]
+    save_perturbations(out / "perturbation.png", grids,
+                       [f"test image {k}: label {int(labels[k])}, pred {int(predictions[k])}" for k in range(perturb)])
+    written = ["evaluation.json", "confusion_matrix.csv", "reconstructions.png", "perturbation.png"]
+
+    metrics_path = checkpoint_path.parent / "metrics.jsonl"
+    records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    if records:
+        save_training_curves(out / "training_curves.png", records)
+        written.append("training_curves.png")
+    else:
+        print(f"no training curves: {metrics_path} is missing or empty")
+    print(f"wrote {', '.join(written)} to {out}")
+    return summary
+
+
+def build_parser(prog=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Evaluate a CapsNet checkpoint on the MNIST test set.")
+    parser.add_argument("checkpoint", help="a checkpoint written by `fastcaps train` (e.g. runs/mnist/last.pt)")
+    parser.add_argument("--out", help="output folder (default: eval/ beside the checkpoint)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--routing", choices=("fused", "eager"),
+                        help="fused Triton routing or the eager reference (default: fused on CUDA, eager elsewhere)")
+    parser.add_argument("--batch", type=int, default=200, help="evaluation batch size (default 200)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--test-subset", type=int, help="only the first N test images")
+    parser.add_argument("--samples", type=int, default=10, help="images in reconstructions.png (default 10)")
+    parser.add_argument("--perturb", type=int, default=3, help="images in perturbation.png (default 3)")
+    return parser
+
+
+def main(argv=None, prog=None) -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    for name in ("batch", "test_subset", "samples", "perturb"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError as err:
+            parser.error(f"--device: {err}")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA GPU is available")
+    try:
+        evaluate_checkpoint(args.checkpoint, args.out, args.device, args.routing, args.batch, args.bf16,
+                            args.test_subset, args.samples, args.perturb)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
