@@ -64,7 +64,9 @@ def unavailable_reason(provider: str, device: torch.device) -> str | None:
 
 def set_precision(matmul_precision: str) -> dict:
     """Apply one fp32 matmul precision to every provider and return what was set. cuDNN's TF32
-    switch (used by CapsNet's convolutions) follows it, so "highest" means no TF32 anywhere."""
+    switch (used by CapsNet's convolutions) follows it, so "highest" means no TF32 anywhere.
+    Only the legacy switches are used, as fastcaps and inductor read them: mixing them with the
+    per-backend fp32_precision API makes torch >= 2.9 raise on the next read."""
     if matmul_precision not in MATMUL_PRECISIONS:
         raise ValueError(f"matmul precision must be one of {sorted(MATMUL_PRECISIONS)}, got {matmul_precision!r}")
     torch.set_float32_matmul_precision(matmul_precision)
@@ -146,31 +148,40 @@ def make_routing(provider: str, iterations: int, input_precision: str):
     raise ValueError(f"unknown provider {provider!r}; known: {PROVIDERS}")
 
 
+def _first_calls(compiled, dtype: torch.dtype, device: torch.device, shape: dict, batch: int) -> dict:
+    (inputs,) = make_inputs(batch, dtype, device, shape, n_sets=1, seed=1)
+    synchronize(device)
+    start = time.perf_counter()
+    v = compiled(inputs["u"], inputs["weight"])
+    synchronize(device)
+    forward_s = time.perf_counter() - start
+    start = time.perf_counter()
+    torch.autograd.grad(v, (inputs["u"], inputs["weight"]), inputs["grad_v"])
+    synchronize(device)
+    return {"first_forward_s": forward_s, "first_backward_s": time.perf_counter() - start}
+
+
 def compile_warmup(compiled, dtype: torch.dtype, device: torch.device, shape: dict, batches) -> list[dict]:
     """Trigger (and time) the compilations the sweep needs, outside any timed region: one graph
-    with a dynamic batch dimension (u marked dynamic, compiled at the smallest batch >= 2), and,
-    when batch 1 is swept, the graph dynamo specialises for size 1. Each entry records the wall
-    time of the first forward and the first backward call, which is when compilation happens
-    (AOTAutograd may compile the backward graph already during the first forward)."""
-    graphs = []
-    dynamic = [b for b in batches if b >= 2]
-    if dynamic:
-        graphs.append(("dynamic batch (B >= 2)", min(dynamic)))
-    if 1 in batches:
-        graphs.append(("B = 1 (specialised)", 1))
+    with a dynamic batch dimension (u marked dynamic), and, when batch 1 is swept, the graph
+    dynamo specialises for size 1. Each record has the wall time of the first forward and the
+    first backward call, which is when compilation happens (AOTAutograd may compile the
+    backward graph already during the first forward), and a status as from `guarded`.
+
+    The dynamic graph is compiled at the largest batch (smaller ones after an OOM): inductor
+    picks its kernels' launch configurations from the sizes it compiles at, and a graph tuned
+    for a tiny batch would handicap torch.compile where it matters most."""
     records = []
-    for label, batch in graphs:
-        (inputs,) = make_inputs(batch, dtype, device, shape, n_sets=1, seed=1)
-        synchronize(device)
-        start = time.perf_counter()
-        v = compiled(inputs["u"], inputs["weight"])
-        synchronize(device)
-        forward_s = time.perf_counter() - start
-        start = time.perf_counter()
-        torch.autograd.grad(v, (inputs["u"], inputs["weight"]), inputs["grad_v"])
-        synchronize(device)
-        records.append({"graph": label, "batch": batch, "first_forward_s": forward_s,
-                        "first_backward_s": time.perf_counter() - start})
+    dynamic = sorted((b for b in batches if b >= 2), reverse=True)
+    for batch in dynamic:
+        record = {"graph": "dynamic batch (B >= 2)", "batch": batch,
+                  **guarded(lambda: _first_calls(compiled, dtype, device, shape, batch), device)}
+        records.append(record)
+        if record["status"] != "oom":
+            break
+    if 1 in batches:
+        records.append({"graph": "B = 1 (specialised)", "batch": 1,
+                        **guarded(lambda: _first_calls(compiled, dtype, device, shape, 1), device)})
     return records
 
 

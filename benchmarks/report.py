@@ -135,9 +135,11 @@ def markdown(result: dict) -> str:
     lines.append(ratios_markdown(result))
     if result.get("compile"):
         lines += ["## torch.compile (wall time of the first calls, where compilation happens; never in a timing)", ""]
-        body = [[c["dtype"], c.get("graph", "–"), _num(c.get("first_forward_s")), _num(c.get("first_backward_s")),
-                 c.get("status", "ok") + (f": {c['reason']}" if c.get("reason") else "")] for c in result["compile"]]
-        lines += _table(["dtype", "graph", "first forward s", "first backward s", "status"], body) + [""]
+        body = [[c["dtype"], c["graph"], str(c["batch"]), _num(c.get("first_forward_s")),
+                 _num(c.get("first_backward_s")), c["status"] + (f": {c['reason']}" if c.get("reason") else "")]
+                for c in result["compile"]]
+        lines += _table(["dtype", "graph", "compiled at batch", "first forward s", "first backward s", "status"],
+                        body) + [""]
     lines.append(roofline_markdown(result))
     if result.get("e2e"):
         lines += ["## CapsNet training step (forward, margin + reconstruction loss, backward, Adam step)", ""]

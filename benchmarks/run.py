@@ -8,7 +8,8 @@ ratios. What each timing covers: benchmarks/harness.py (routing), benchmarks/e2e
 step), benchmarks/roofline.py (cost model and floors).
 
 The whole run keeps to --max-seconds: every measurement gets an equal share of what is left
-(between fixed bounds), and measurements that no longer fit are recorded as skipped.
+(between fixed bounds), batch sizes run coarse to fine, and measurements that no longer fit
+are recorded as skipped.
 """
 import argparse
 import sys
@@ -95,6 +96,15 @@ class Budget:
         return min(self.hi, max(self.lo, 0.5 * share))
 
 
+def batch_tiers(batches) -> list[list[int]]:
+    """Coarse to fine: every other batch size from the largest down, with the smallest, then
+    the rest. A sweep cut short by the budget loses resolution, not the ends of the range; the
+    largest batches (the headline rows, and any OOM) come first."""
+    desc = sorted(set(batches), reverse=True)
+    coarse = desc[0::2] + ([desc[-1]] if len(desc) % 2 == 0 else [])
+    return [coarse, [b for b in desc if b not in coarse]]
+
+
 def _timing_kwargs(timing: dict, budget: Budget, left: int) -> dict:
     return {"min_reps": timing["min_reps"], "max_reps": timing["max_reps"], "warmup_s": timing["warmup_s"],
             "target_s": budget.target_s(left)}
@@ -110,20 +120,20 @@ def _format_row(row: dict) -> str:
 
 def _compile_all(args, device, routing, budget) -> tuple[list, dict]:
     """Compile torch.compile's graphs for every dtype before any timing; returns the records
-    and, per dtype whose compilation failed, the failure."""
+    and, per dtype whose compilation failed (not for lack of memory), the failed record."""
     records, failed = [], {}
     for dtype_name in args.dtypes:
         harness.log(f"[{budget.elapsed():6.1f}s] compiling the reference for {dtype_name} ...")
-        outcome = harness.guarded(lambda: {"graphs": harness.compile_warmup(
-            routing, harness.DTYPES[dtype_name], device, harness.MNIST_SHAPE, args.batches)}, device)
-        if outcome["status"] != "ok":
-            failed[dtype_name] = outcome
-            records.append({"dtype": dtype_name, **outcome})
-            continue
-        for graph in outcome["graphs"]:
-            records.append({"dtype": dtype_name, **graph})
-            harness.log(f"  {graph['graph']}: first forward {graph['first_forward_s']:.1f} s, "
-                        f"first backward {graph['first_backward_s']:.1f} s")
+        for record in harness.compile_warmup(routing, harness.DTYPES[dtype_name], device, harness.MNIST_SHAPE,
+                                             args.batches):
+            records.append({"dtype": dtype_name, **record})
+            if record["status"] == "ok":
+                harness.log(f"  {record['graph']} at B={record['batch']}: first forward "
+                            f"{record['first_forward_s']:.1f} s, first backward {record['first_backward_s']:.1f} s")
+            else:
+                harness.log(f"  {record['graph']} at B={record['batch']}: {record['status']}: {record['reason']}")
+                if record["status"] == "error":
+                    failed[dtype_name] = record
     return records, failed
 
 
@@ -164,9 +174,8 @@ def sweep(args) -> dict:
     if "compile" in args.providers:
         result["compile"], compile_failed = _compile_all(args, device, routing["compile"], budget)
 
-    plan = [(dtype_name, batch, provider, pass_) for dtype_name in args.dtypes
-            for batch in sorted(args.batches, reverse=True)  # largest first: the headline rows, and OOMs, early
-            for provider in args.providers for pass_ in args.passes]
+    plan = [(dtype_name, batch, provider, pass_) for tier in batch_tiers(args.batches) for dtype_name in args.dtypes
+            for batch in tier for provider in args.providers for pass_ in args.passes]
     e2e_plan = [] if args.no_e2e else [(r, p) for p in e2e.E2E_PRECISIONS for r in e2e.E2E_PROVIDERS]
     total = len(plan) + len(e2e_plan)
     # measurements that will actually run, for sharing out the budget
