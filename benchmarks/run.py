@@ -45,28 +45,31 @@ def _positive_ints(text):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[1])
     parser.add_argument("--quick", action="store_true",
-                        help=f"smoke test: batches {QUICK_BATCHES}, 3-20 repetitions, small roofline sizes, "
-                             "CapsNet batch 4, budget 110 s")
-    parser.add_argument("--providers", type=_choices(harness.PROVIDERS), default=harness.PROVIDERS)
-    parser.add_argument("--passes", type=_choices(harness.PASSES), default=harness.PASSES)
-    parser.add_argument("--dtypes", type=_choices(tuple(harness.DTYPES)), default=tuple(harness.DTYPES))
+                        help=f"smoke test: batches {','.join(map(str, QUICK_BATCHES))}, 3-20 repetitions, small "
+                             "roofline sizes, CapsNet batch 4, budget 110 s")
+    parser.add_argument("--providers", type=_choices(harness.PROVIDERS), default=harness.PROVIDERS,
+                        help=f"comma-separated subset of {','.join(harness.PROVIDERS)} (default: all)")
+    parser.add_argument("--passes", type=_choices(harness.PASSES), default=harness.PASSES,
+                        help=f"comma-separated subset of {','.join(harness.PASSES)} (default: all)")
+    parser.add_argument("--dtypes", type=_choices(tuple(harness.DTYPES)), default=tuple(harness.DTYPES),
+                        help=f"comma-separated subset of {','.join(harness.DTYPES)} (default: both)")
     parser.add_argument("--batches", type=_positive_ints, default=None,
-                        help=f"comma-separated batch sizes (default {FULL_BATCHES[0]}..{FULL_BATCHES[-1]}, "
-                             "powers of 2)")
-    parser.add_argument("--iterations", type=int, default=3, help="routing iterations R")
+                        help=f"comma-separated batch sizes (default: powers of 2 from {FULL_BATCHES[0]} to "
+                             f"{FULL_BATCHES[-1]})")
+    parser.add_argument("--iterations", type=int, default=3, help="routing iterations R (default: 3)")
     parser.add_argument("--matmul-precision", choices=sorted(harness.MATMUL_PRECISIONS), default="highest",
                         help="torch.set_float32_matmul_precision for every provider; the fused op gets the "
-                             "matching input_precision (highest -> ieee, high -> tf32)")
+                             "matching input_precision: highest -> ieee (default), high -> tf32")
     parser.add_argument("--max-seconds", type=float, default=None,
-                        help="budget of the whole run (default 280, 110 with --quick)")
-    parser.add_argument("--e2e-batch", type=int, default=None, help="CapsNet training-step batch (default 128, "
-                                                                    "4 with --quick)")
+                        help="budget of the whole run (default: 280, 110 with --quick)")
+    parser.add_argument("--e2e-batch", type=int, default=None,
+                        help="CapsNet training-step batch (default: 128, 4 with --quick)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the CapsNet training-step benchmark")
     parser.add_argument("--no-roofline", action="store_true", help="skip measuring the device's rates")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="where <device>.json/.md/.png go (default: benchmarks/results)")
     args = parser.parse_args(argv)
     if args.iterations < 1:
         parser.error("--iterations must be >= 1")
@@ -108,6 +111,34 @@ def batch_tiers(batches) -> list[list[int]]:
 def _timing_kwargs(timing: dict, budget: Budget, left: int) -> dict:
     return {"min_reps": timing["min_reps"], "max_reps": timing["max_reps"], "warmup_s": timing["warmup_s"],
             "target_s": budget.target_s(left)}
+
+
+class _InputCache:
+    """The input sets of one (dtype, batch) at a time: built at first use, freed before the next."""
+
+    def __init__(self, device, shape):
+        self.device, self.shape = device, shape
+        self.key, self.sets = None, None
+
+    def get(self, dtype_name: str, batch: int) -> list[dict]:
+        if self.key != (dtype_name, batch):
+            self.clear()
+            dtype = harness.DTYPES[dtype_name]
+            n_sets = harness.input_sets_needed(batch, dtype, self.device, self.shape)
+            self.sets = harness.make_inputs(batch, dtype, self.device, self.shape, n_sets)
+            self.key = (dtype_name, batch)
+        return self.sets
+
+    def clear(self):
+        if self.key is not None:
+            self.key, self.sets = None, None
+            harness.free_memory(self.device)
+
+
+def _measure_routing(inputs: _InputCache, routing, pass_: str, dtype_name: str, batch: int, **timing) -> dict:
+    sets = inputs.get(dtype_name, batch)
+    prepare, timed = harness.make_pass(pass_, routing, sets)
+    return harness.measure(prepare, timed, inputs.device, n_sets=len(sets), **timing)
 
 
 def _format_row(row: dict) -> str:
@@ -174,65 +205,66 @@ def sweep(args) -> dict:
     if "compile" in args.providers:
         result["compile"], compile_failed = _compile_all(args, device, routing["compile"], budget)
 
-    plan = [(dtype_name, batch, provider, pass_) for tier in batch_tiers(args.batches) for dtype_name in args.dtypes
-            for batch in tier for provider in args.providers for pass_ in args.passes]
-    e2e_plan = [] if args.no_e2e else [(r, p) for p in e2e.E2E_PRECISIONS for r in e2e.E2E_PROVIDERS]
-    total = len(plan) + len(e2e_plan)
-    # measurements that will actually run, for sharing out the budget
-    runnable = [harness.unavailable_reason(provider, device) is None
-                and not (provider == "compile" and dtype_name in compile_failed)
-                for dtype_name, _, provider, _ in plan]
-    runnable += [harness.unavailable_reason(r, device) is None for r, _ in e2e_plan]
-    rows, sets, sets_key = [], None, None
-    for index, (dtype_name, batch, provider, pass_) in enumerate(plan):
-        dtype = harness.DTYPES[dtype_name]
-        row = {"provider": provider, "pass": pass_, "batch": batch, "iterations": args.iterations, "dtype": dtype_name}
+    tiers = batch_tiers(args.batches)
+
+    def routing_jobs(tier):
+        return [("routing", (dtype_name, batch, provider, pass_)) for dtype_name in args.dtypes for batch in tier
+                for provider in args.providers for pass_ in args.passes]
+
+    e2e_jobs = [] if args.no_e2e else [("e2e", (r, p)) for p in e2e.E2E_PRECISIONS for r in e2e.E2E_PROVIDERS]
+    # the CapsNet step runs between the coarse and the fine batch sizes: a short budget cannot starve it
+    jobs = routing_jobs(tiers[0]) + e2e_jobs + routing_jobs(tiers[1])
+
+    def blocked(kind, key) -> dict | None:
+        """Why a job cannot run, whatever the budget."""
+        provider = key[2] if kind == "routing" else key[0]
         reason = harness.unavailable_reason(provider, device)
         if reason:
-            row.update(status="skipped", reason=reason)
-        elif provider == "compile" and dtype_name in compile_failed:
-            row.update(status="error", reason=f"compilation failed: {compile_failed[dtype_name]['reason']}")
-        elif budget.exhausted():
-            row.update(status="skipped", reason=f"time budget (--max-seconds {args.max_seconds:.0f}) exhausted")
-        else:
-            if sets_key != (dtype_name, batch):
-                sets = None  # free the previous inputs first
-                harness.free_memory(device)
-                n_sets = harness.input_sets_needed(batch, dtype, device, shape)
-                sets, sets_key = harness.make_inputs(batch, dtype, device, shape, n_sets), (dtype_name, batch)
-            prepare, timed = harness.make_pass(pass_, routing[provider], sets)
-            kwargs = _timing_kwargs(timing, budget, sum(runnable[index:]))
-            row.update(harness.guarded(lambda: harness.measure(prepare, timed, device, n_sets=len(sets), **kwargs),
-                                       device))
-        rows.append(row)
-        harness.log(f"[{budget.elapsed():6.1f}s {index + 1:3d}/{total}] {provider:7s} {pass_:7s} {dtype_name:8s} "
-                    f"B={batch:<5d} {_format_row(row)}")
-    sets = None
-    harness.free_memory(device)
-    result["rows"] = rows
-    result["ratios"] = report.ratios(rows)
+            return {"status": "skipped", "reason": reason}
+        if kind == "routing" and provider == "compile" and key[0] in compile_failed:
+            return {"status": "error", "reason": f"compilation failed: {compile_failed[key[0]]['reason']}"}
+        return None
 
-    result["e2e"] = []
-    for offset, (routing_name, e2e_precision) in enumerate(e2e_plan):
-        index = len(plan) + offset
-        if budget.exhausted():
-            row = {"routing": routing_name, "precision": e2e_precision, "batch": args.e2e_batch,
-                   "iterations": args.iterations, "status": "skipped",
-                   "reason": f"time budget (--max-seconds {args.max_seconds:.0f}) exhausted"}
+    blocks = [blocked(*job) for job in jobs]
+    out_of_time = {"status": "skipped", "reason": f"time budget (--max-seconds {args.max_seconds:g}) exhausted"}
+    inputs = _InputCache(device, shape)
+    rows, e2e_rows = [], []
+    for index, ((kind, key), block) in enumerate(zip(jobs, blocks)):
+        left = sum(b is None for b in blocks[index:])  # measurements still to run share the budget
+        if kind == "routing":
+            dtype_name, batch, provider, pass_ = key
+            row = {"provider": provider, "pass": pass_, "batch": batch, "iterations": args.iterations,
+                   "dtype": dtype_name}
+            if block or budget.exhausted():
+                row.update(block or out_of_time)
+            else:
+                kwargs = _timing_kwargs(timing, budget, left)
+                row.update(harness.guarded(lambda: _measure_routing(inputs, routing[provider], pass_, dtype_name,
+                                                                    batch, **kwargs), device))
+            rows.append(row)
+            what = f"{provider:7s} {pass_:7s} {dtype_name:8s} B={batch:<5d}"
         else:
-            row = e2e.train_step_row(routing_name, e2e_precision, args.e2e_batch, device, args.iterations,
-                                     **_timing_kwargs(timing, budget, sum(runnable[index:])))
-        result["e2e"].append(row)
-        harness.log(f"[{budget.elapsed():6.1f}s {index + 1:3d}/{total}] CapsNet step {routing_name:5s} "
-                    f"{e2e_precision:13s} B={args.e2e_batch} {_format_row(row)}")
+            routing_name, e2e_precision = key
+            inputs.clear()  # the routing inputs are not needed by the CapsNet
+            if block or budget.exhausted():
+                row = {"routing": routing_name, "precision": e2e_precision, "batch": args.e2e_batch,
+                       "iterations": args.iterations, **(block or out_of_time)}
+            else:
+                row = e2e.train_step_row(routing_name, e2e_precision, args.e2e_batch, device, args.iterations,
+                                         **_timing_kwargs(timing, budget, left))
+            e2e_rows.append(row)
+            what = f"CapsNet step {routing_name:5s} {e2e_precision:13s} B={args.e2e_batch}"
+        harness.log(f"[{budget.elapsed():6.1f}s {index + 1:3d}/{len(jobs)}] {what} {_format_row(row)}")
+    inputs.clear()
+    result["rows"], result["e2e"] = rows, e2e_rows
+    result["ratios"] = report.ratios(rows)
 
     if rates is None:
         result["roofline"] = {"status": "skipped", "reason": "--no-roofline"}
     else:
         result["roofline"] = {"status": "ok", "rates": rates,
                               "rows": roofline.roofline_rows(rows, rates, shape, precision["fused_input_precision"])}
-    result["complete"] = all(r["status"] != "skipped" or "budget" not in r.get("reason", "")
-                             for r in rows + result["e2e"])
+    result["complete"] = not any(r.get("reason") == out_of_time["reason"] for r in rows + e2e_rows)
     result["elapsed_s"] = budget.elapsed()
     return result
 
