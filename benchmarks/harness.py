@@ -10,6 +10,8 @@ host's launch overhead on its critical path, not a pipelined throughput.
 - "fwd+bwd": both, in one timed region.
 All passes return du and dW (both inputs require grad) and never accumulate into .grad.
 On CUDA the marks are CUDA events; on the CPU, time.perf_counter (CPU ops are synchronous).
+bfloat16 means bf16 inputs and outputs for every provider; inside, the fused op computes in fp32
+and the reference (eager and compiled) in bf16 except its squash.
 Inputs rotate over enough sets (u, W, grad_v) that together they exceed the L2 cache three
 times, so a repetition does not find its inputs cached by the previous one.
 

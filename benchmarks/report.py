@@ -118,6 +118,8 @@ def markdown(result: dict) -> str:
              "- cells: median ms (p20–p80) over the repetitions; each repetition starts from an idle device; "
              "fwd = training forward, bwd = backward only (graph built outside the timed region), "
              "fwd+bwd = both (benchmarks/harness.py); peak MB = max allocated during a call minus allocated before it",
+             "- bfloat16 rows: bf16 inputs and outputs for every provider; the fused op does its arithmetic in fp32, "
+             "the reference (eager and compiled) in bf16 except the squash",
              ""]
     rows = result["rows"]
     index = {(r["provider"], r["pass"], r["dtype"], r["batch"]): r for r in rows}
