@@ -11,7 +11,7 @@ host's launch overhead on its critical path, not a pipelined throughput.
 All passes return du and dW (both inputs require grad) and never accumulate into .grad.
 On CUDA the marks are CUDA events; on the CPU, time.perf_counter (CPU ops are synchronous).
 bfloat16 means bf16 inputs and outputs for every provider; inside, the fused op computes in fp32
-and the reference (eager and compiled) in bf16 except its squash.
+and the reference (eager and compiled) keeps its intermediates in bf16 (its squash in fp32).
 Inputs rotate over enough sets (u, W, grad_v) that together they exceed the L2 cache three
 times, so a repetition does not find its inputs cached by the previous one.
 

@@ -119,7 +119,7 @@ def markdown(result: dict) -> str:
              "fwd = training forward, bwd = backward only (graph built outside the timed region), "
              "fwd+bwd = both (benchmarks/harness.py); peak MB = max allocated during a call minus allocated before it",
              "- bfloat16 rows: bf16 inputs and outputs for every provider; the fused op does its arithmetic in fp32, "
-             "the reference (eager and compiled) in bf16 except the squash",
+             "the reference (eager and compiled) keeps its intermediates in bf16 (its squash in fp32)",
              ""]
     rows = result["rows"]
     index = {(r["provider"], r["pass"], r["dtype"], r["batch"]): r for r in rows}
