@@ -144,18 +144,22 @@ def read_metrics(path) -> list[dict]:
 
 
 def save_training_curves(path, records):
+    """Training loss and error (lines) and test ones after every epoch (dots) against epochs."""
     Figure = _figure_module()
-    epochs = [r["epochs_done"] for r in records]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    train = [r for r in records if r["kind"] == "progress"] or epochs  # per --log-every steps if logged
+    x_train, x_test = [r["epochs_done"] for r in train], [r["epochs_done"] for r in epochs]
     fig = Figure(figsize=(10, 3.8))
     loss_ax, error_ax = fig.subplots(1, 2)
-    loss_ax.plot(epochs, [r["train_loss"] for r in records], "o-", label="train")
-    loss_ax.plot(epochs, [r["test_loss"] for r in records], "o-", label="test")
-    loss_ax.set(xlabel="epoch", ylabel="loss (margin + 0.0005 SSE)", yscale="log", title="loss")
-    loss_ax.legend()
-    error_ax.plot(epochs, [100 - r["train_acc"] for r in records], "o-", label="train (shifted inputs)")
-    error_ax.plot(epochs, [r["test_error"] for r in records], "o-", label="test")
-    error_ax.set(xlabel="epoch", ylabel="error %", yscale="log", title="classification error")
-    error_ax.legend()
+    loss_ax.plot(x_train, [r["train_loss"] for r in train], label="train (shifted inputs)")
+    loss_ax.plot(x_test, [r["test_loss"] for r in epochs], "o-", label="test")
+    loss_ax.set(ylabel="margin + 0.0005 SSE", title="loss")
+    error_ax.plot(x_train, [100 - r["train_acc"] for r in train], label="train (shifted inputs)")
+    error_ax.plot(x_test, [r["test_error"] for r in epochs], "o-", label="test")
+    error_ax.set(ylabel="error %", title="classification error")
+    for ax in (loss_ax, error_ax):
+        ax.set(xlabel="epoch", yscale="log")
+        ax.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
@@ -203,11 +207,11 @@ def evaluate_checkpoint(checkpoint_path, out=None, device=None, routing=None, ba
 
     metrics_path = checkpoint_path.parent / "metrics.jsonl"
     records = read_metrics(metrics_path) if metrics_path.is_file() else []
-    if records:
+    if any(r["kind"] == "epoch" for r in records):
         save_training_curves(out / "training_curves.png", records)
         written.append("training_curves.png")
     else:
-        print(f"no training curves: {metrics_path} is missing or empty")
+        print(f"no training curves: {metrics_path} is missing or has no epoch record")
     print(f"wrote {', '.join(written)} to {out}")
     return summary
 
@@ -251,4 +255,4 @@ def main(argv=None, prog=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m fastcaps.evaluate"))

@@ -27,9 +27,9 @@ def tiny_args(out, *extra):
     return parse_args(TINY + ["--out", str(out), *extra])
 
 
-def read_records(folder):
+def read_records(folder, kind="epoch"):
     with open(folder / "metrics.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+        return [record for record in map(json.loads, f) if record["kind"] == kind]
 
 
 # ---------------------------------------------------------------------------- augmentation
@@ -150,6 +150,9 @@ def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path):
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
         assert a[0][key] == b[1][key] and a[1][key] == b[2][key], key
     assert b[2]["wall_s"] > b[0]["wall_s"]                              # the clock goes on across the resume
+    progress_a, progress_b = read_records(tmp_path / "a", "progress"), read_records(tmp_path / "b", "progress")
+    assert [r["step"] for r in progress_a] == [r["step"] for r in progress_b] == [2, 4]
+    assert [r["train_loss"] for r in progress_a] == [r["train_loss"] for r in progress_b]
 
 
 def test_resume_refuses_another_recipe_and_fresh_runs_refuse_a_used_folder(tmp_path):
