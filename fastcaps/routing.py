@@ -58,7 +58,7 @@ def _routing_backward_op(grad_v: Tensor, u: Tensor, weight: Tensor, s_all: Tenso
 @_routing_backward_op.register_fake
 def _(grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing, input_precision):
     _, out_caps, out_dim, _ = weight.shape
-    return torch.empty_like(u), torch.empty_like(weight), u.new_empty(out_caps, out_dim)
+    return u.new_empty(u.shape), weight.new_empty(weight.shape), u.new_empty(out_caps, out_dim)  # contiguous
 
 
 # ---------------------------------------------------------------- autograd
@@ -97,6 +97,7 @@ def kernels_available(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and _kernels.INTERPRET)
 
 
+@torch.compiler.assume_constant_result  # read once when torch.compile traces, not guarded
 def _default_precision() -> str:
     # follow PyTorch's own switch for float32 matmuls: "highest" -> IEEE fp32, else tf32
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"

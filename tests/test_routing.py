@@ -1,0 +1,384 @@
+"""The fused routing op against the eager reference.
+
+Kernels run compiled on CUDA when a GPU is present and in Triton's interpreter otherwise
+(tests/conftest.py). References are computed in float64 from the same (rounded) inputs and
+errors are measured as ||out - ref|| / ||ref||.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastcaps
+from fastcaps import reference
+from fastcaps.kernels import routing as kernels
+from fastcaps.routing import FusedRoutingFunction
+
+# relative-norm tolerance of the fused op against the float64 reference, per input dtype
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(shape, dtype, device, bias=False, seed=0, u_scale=1.0):
+    batch, in_caps, out_caps, out_dim, in_dim = shape
+    gen = torch.Generator().manual_seed(seed)
+    u = fastcaps.squash(u_scale * torch.randn(batch, in_caps, in_dim, generator=gen, dtype=torch.float64))
+    weight = torch.randn(in_caps, out_caps, out_dim, in_dim, generator=gen, dtype=torch.float64) / in_dim ** 0.5
+    b = 0.1 * torch.randn(out_caps, out_dim, generator=gen, dtype=torch.float64) if bias else None
+    grad = torch.randn(batch, out_caps, out_dim, generator=gen, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(u), cast(weight), cast(b), cast(grad)
+
+
+def fused_and_reference(u, weight, bias, grad, iterations, **options):
+    """v and every gradient, from the fused op and from the float64 reference."""
+    leaves = [t.detach().requires_grad_() for t in (u, weight) + ((bias,) if bias is not None else ())]
+    v = fastcaps.dynamic_routing(leaves[0], leaves[1], iterations, bias=leaves[2] if bias is not None else None,
+                                 **options)
+    grads = torch.autograd.grad(v, leaves, grad)
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    options.pop("input_precision", None)
+    v_ref = reference.dynamic_routing(ref_leaves[0], ref_leaves[1], iterations,
+                                      bias=ref_leaves[2] if bias is not None else None, **options)
+    ref_grads = torch.autograd.grad(v_ref, ref_leaves, grad.double().cpu())
+    return (v,) + grads, (v_ref,) + ref_grads
+
+
+SHAPES = [  # B, I, J, D, K
+    (1, 1, 1, 1, 1),
+    (3, 37, 3, 7, 5),
+    (5, 11, 10, 16, 8),
+    (6, 9, 4, 2, 1),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("iterations", [1, 2, 3, 5])
+def test_matches_reference_fp32(shape, iterations, kernel_device):
+    u, weight, _, grad = make_inputs(shape, torch.float32, kernel_device)
+    outs, refs = fused_and_reference(u, weight, None, grad, iterations, input_precision="ieee")
+    for name, out, ref in zip(("v", "du", "dW"), outs, refs):
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert rel_err(out, ref) < TOL[torch.float32], name
+
+
+@pytest.mark.parametrize("options", [dict(leaky=True), dict(detach_routing=True), dict(leaky=True, detach_routing=True),
+                                     dict()], ids=["leaky", "detach", "leaky-detach", "plain"])
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_options_with_bias_fp64(options, iterations, kernel_device):
+    u, weight, bias, grad = make_inputs((4, 13, 5, 6, 3), torch.float64, kernel_device, bias=True)
+    outs, refs = fused_and_reference(u, weight, bias, grad, iterations, **options)
+    for name, out, ref in zip(("v", "du", "dW", "dbias"), outs, refs):
+        assert rel_err(out, ref) < TOL[torch.float64], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision(dtype, kernel_device):
+    if dtype == torch.bfloat16 and kernel_device == "cpu":
+        pytest.skip("Triton's interpreter has no bfloat16")
+    u, weight, bias, grad = make_inputs((5, 37, 10, 16, 8), dtype, kernel_device, bias=True)
+    outs, refs = fused_and_reference(u, weight, bias, grad, 3)
+    for name, out, ref in zip(("v", "du", "dW", "dbias"), outs, refs):
+        assert out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], name
+
+
+def test_tf32_products_are_less_exact_than_ieee(kernel_device):
+    u, weight, _, grad = make_inputs((4, 37, 10, 16, 8), torch.float32, kernel_device)
+    errors = {}
+    for precision in ("ieee", "tf32"):
+        outs, refs = fused_and_reference(u, weight, None, grad, 3, input_precision=precision)
+        errors[precision] = rel_err(outs[0], refs[0])
+    assert errors["ieee"] < 1e-5
+    assert 1e-5 < errors["tf32"] < 5e-3  # operands rounded to 10 mantissa bits
+
+
+def test_default_precision_follows_torch(kernel_device):
+    u, weight, _, _ = make_inputs((2, 9, 3, 4, 5), torch.float32, kernel_device)
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        tf32 = fastcaps.dynamic_routing(u, weight)
+        torch.set_float32_matmul_precision("highest")
+        ieee = fastcaps.dynamic_routing(u, weight)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert torch.equal(ieee, fastcaps.dynamic_routing(u, weight, input_precision="ieee"))
+    assert torch.equal(tf32, fastcaps.dynamic_routing(u, weight, input_precision="tf32"))
+    assert not torch.equal(ieee, tf32)
+
+
+@pytest.mark.parametrize("overrides", [dict(block_b=2, splits=3, grad_tiles_per_chunk=1, grad_i_per_prog=4),
+                                       dict(block_b=4, splits=1, grad_tiles_per_chunk=2, grad_i_per_prog=37, stages=1),
+                                       dict(block_b=8, splits=37, grad_tiles_per_chunk=9, grad_i_per_prog=1, stages=3)],
+                         ids=["many-splits", "one-split", "one-i-per-program"])
+def test_launch_configurations_agree(overrides, kernel_device):
+    """Every split of the reductions over i and over the batch computes the same function."""
+    u, weight, bias, grad = make_inputs((9, 37, 3, 7, 5), torch.float64, kernel_device, bias=True)
+    with kernels.tuning(**overrides):
+        outs, refs = fused_and_reference(u, weight, bias, grad, 3, leaky=True)
+    for name, out, ref in zip(("v", "du", "dW", "dbias"), outs, refs):
+        assert rel_err(out, ref) < TOL[torch.float64], name
+
+
+def test_gradcheck_fp64(kernel_device):
+    gen = torch.Generator().manual_seed(1)
+    u = torch.randn(2, 3, 2, generator=gen, dtype=torch.float64).to(kernel_device).requires_grad_()
+    weight = torch.randn(3, 3, 3, 2, generator=gen, dtype=torch.float64).to(kernel_device).requires_grad_()
+    bias = (0.1 * torch.randn(3, 3, generator=gen, dtype=torch.float64)).to(kernel_device).requires_grad_()
+    # detach_routing is left out on purpose: its gradient is not the derivative of v
+    for options in (dict(), dict(leaky=True)):
+        assert torch.autograd.gradcheck(lambda a, b, c: fastcaps.dynamic_routing(a, b, 3, bias=c, **options),
+                                        (u, weight, bias), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+def test_every_output_is_written(kernel_device, monkeypatch):
+    """torch.empty poisoned with NaN: an element a kernel leaves unwritten shows up as NaN."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    u, weight, bias, grad = make_inputs((7, 37, 3, 7, 5), torch.float32, kernel_device, bias=True)
+    u, weight, bias = (t.requires_grad_() for t in (u, weight, bias))
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    for options in (dict(), dict(detach_routing=True)):
+        with kernels.tuning(block_b=2, splits=4, grad_tiles_per_chunk=2):
+            v = fastcaps.dynamic_routing(u, weight, 3, bias=bias, **options)
+            grads = torch.autograd.grad(v, (u, weight, bias), grad)
+        for t in (v,) + grads:
+            assert torch.isfinite(t).all()
+
+
+def test_zero_input_capsules_are_finite(kernel_device):
+    """u = 0 gives s = 0 (without bias), where squash and its gradient must stay finite."""
+    u = torch.zeros(3, 11, 4, device=kernel_device, requires_grad=True)
+    weight = torch.randn(11, 5, 6, 4, device=kernel_device, requires_grad=True)
+    v = fastcaps.dynamic_routing(u, weight, 3)
+    du, dw = torch.autograd.grad(v.sum(), (u, weight))
+    assert torch.equal(v, torch.zeros_like(v))
+    assert torch.isfinite(du).all() and torch.isfinite(dw).all()
+
+
+def test_fp16_large_inputs_do_not_overflow(kernel_device):
+    """|s|^2 of a float16 s can exceed 65504: it is accumulated in fp32."""
+    u = torch.full((2, 8, 4), 0.5, dtype=torch.float16, device=kernel_device)
+    weight = torch.full((8, 3, 16, 4), 60.0, dtype=torch.float16, device=kernel_device)
+    v = fastcaps.dynamic_routing(u, weight, 3)
+    assert torch.isfinite(v).all()
+    assert torch.allclose(v.double().norm(dim=-1), torch.ones(2, 3, dtype=torch.float64, device=kernel_device),
+                          atol=1e-3)
+
+
+def test_nan_input_propagates(kernel_device):
+    u, weight, _, _ = make_inputs((3, 9, 3, 4, 5), torch.float32, kernel_device)
+    u[1, 4, 2] = float("nan")
+    v = fastcaps.dynamic_routing(u, weight, 3)
+    assert torch.isnan(v[1]).all()
+    assert torch.isfinite(v[0]).all() and torch.isfinite(v[2]).all()
+
+
+def test_non_contiguous_inputs_and_sum_gradient(kernel_device):
+    """Strided u and W, and the stride-0 gradient that y.sum().backward() sends."""
+    u_base, w_base, _, _ = make_inputs((5, 9, 3, 4, 6), torch.float64, kernel_device)
+    u = u_base.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # strides of a transposed view
+    weight = w_base.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0).requires_grad_()
+    assert not u.is_contiguous() and not weight.is_contiguous()
+    fastcaps.dynamic_routing(u, weight, 3).sum().backward()
+    u_ref, w_ref = u_base.cpu().requires_grad_(), w_base.cpu().requires_grad_()
+    reference.dynamic_routing(u_ref, w_ref, 3).sum().backward()
+    assert rel_err(u.grad, u_ref.grad) < TOL[torch.float64]
+    assert rel_err(weight.grad, w_ref.grad) < TOL[torch.float64]
+
+
+def test_saved_state_is_small(kernel_device):
+    """Autograd keeps u, W and O(B R J D) numbers: nothing of size B I J D."""
+    batch, in_caps, out_caps, out_dim, in_dim, iterations = 4, 37, 3, 7, 5, 3
+    u, weight, _, _ = make_inputs((batch, in_caps, out_caps, out_dim, in_dim), torch.float32, kernel_device)
+    u.requires_grad_()
+    weight.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fastcaps.dynamic_routing(u, weight, iterations)
+    extra = sum(t.numel() for t in saved) - u.numel() - weight.numel()
+    assert extra <= (2 * iterations - 1) * batch * out_caps * out_dim
+
+
+def test_fused_path_does_not_fall_back(kernel_device, monkeypatch):
+    """Count kernel launches; the reference must not run at all."""
+    launches = []
+
+    class Counting:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            launches.append(self.fn)
+            return self.fn[grid]
+
+    for name in ("_forward_pass_kernel", "_reverse_pass_kernel", "_input_grad_kernel"):
+        monkeypatch.setattr(kernels, name, Counting(getattr(kernels, name)))
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("fell back to the eager reference")
+
+    monkeypatch.setattr(reference, "dynamic_routing", no_reference)
+    u, weight, _, _ = make_inputs((2, 5, 3, 4, 3), torch.float32, kernel_device)
+    u.requires_grad_()
+    fastcaps.dynamic_routing(u, weight, 3).sum().backward()
+    assert len(launches) == 3 + 2 + 1  # R forward passes, R-1 reverse passes, one final sweep
+
+
+def test_backward_is_deterministic(kernel_device):
+    u, weight, _, grad = make_inputs((9, 37, 3, 7, 5), torch.float32, kernel_device)
+    results = []
+    for _ in range(2):
+        with kernels.tuning(block_b=2, splits=5, grad_tiles_per_chunk=2):
+            leaves = [u.clone().requires_grad_(), weight.clone().requires_grad_()]
+            results.append(torch.autograd.grad(fastcaps.dynamic_routing(*leaves, 3), leaves, grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(u=torch.zeros(2, 3)), ValueError, "rank 3"),
+    (dict(weight=torch.zeros(3, 2, 2)), ValueError, "rank 4"),
+    (dict(u=torch.zeros(2, 4, 5)), ValueError, "disagree"),
+    (dict(weight=torch.zeros(3, 2, 2, 4)), ValueError, "disagree"),
+    (dict(u=torch.zeros(0, 3, 5)), ValueError, ">= 1"),
+    (dict(bias=torch.zeros(2, 3)), ValueError, "bias must be"),
+    (dict(u=torch.zeros(2, 3, 5, dtype=torch.float64)), TypeError, "share one dtype"),
+    (dict(u=torch.zeros(2, 3, 5, dtype=torch.int64)), TypeError, "supported"),
+    (dict(u=torch.zeros(2, 3, 5, device="meta")), ValueError, "one device"),
+    (dict(iterations=0), ValueError, "iterations"),
+    (dict(iterations=2.0), ValueError, "iterations"),
+    (dict(input_precision="fp8"), ValueError, "input_precision"),
+])
+def test_bad_inputs_are_rejected(bad, error, match):
+    args = dict(u=torch.zeros(2, 3, 5), weight=torch.zeros(3, 2, 2, 5), bias=None, iterations=3, input_precision=None)
+    args.update(bad)
+    with pytest.raises(error, match=match):
+        fastcaps.dynamic_routing(args["u"], args["weight"], args["iterations"], bias=args["bias"],
+                                 input_precision=args["input_precision"])
+
+
+def test_check_finite_mode_rejects_nan(monkeypatch):
+    monkeypatch.setattr("fastcaps.routing._CHECK_FINITE", True)
+    u = torch.zeros(2, 3, 5)
+    u[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fastcaps.dynamic_routing(u, torch.zeros(3, 2, 2, 5))
+
+
+def test_autocast_casts_like_a_matmul(kernel_device):
+    dtype = torch.bfloat16 if kernel_device == "cuda" else torch.float16
+    u, weight, _, _ = make_inputs((3, 9, 3, 4, 5), torch.float32, kernel_device)
+    with torch.autocast(kernel_device, dtype=dtype):
+        v = fastcaps.dynamic_routing(u, weight, 3)
+    assert v.dtype == dtype
+    assert torch.equal(v, fastcaps.dynamic_routing(u.to(dtype), weight.to(dtype), 3))
+
+
+def test_custom_ops_pass_opcheck(kernel_device):
+    u, weight, bias, grad = make_inputs((3, 5, 3, 4, 2), torch.float32, kernel_device, bias=True)
+    v, s_all, v_sums = torch.ops.fastcaps.routing_forward(u, weight, bias, 3, False, "ieee")
+    torch.library.opcheck(torch.ops.fastcaps.routing_forward.default, (u, weight, bias, 3, False, "ieee"))
+    torch.library.opcheck(torch.ops.fastcaps.routing_backward.default,
+                          (grad, u, weight, s_all, v_sums, 3, False, False, "ieee"))
+
+
+def test_compile_fullgraph_sees_one_op(kernel_device):
+    """The custom ops are opaque to torch.compile: no graph break (aot_eager keeps it fast on CPU)."""
+    layer = fastcaps.FusedDigitCaps(9, 5, 3, 4, bias=True).to(kernel_device)
+    u = torch.randn(2, 9, 5, device=kernel_device, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(u)
+    out.sum().backward()
+    assert torch.allclose(out, layer(u), rtol=1e-6, atol=1e-7)
+
+
+def test_fused_and_eager_modules_interchange(kernel_device):
+    eager = fastcaps.DigitCaps(11, 5, 3, 4, iterations=3, bias=True, leaky=True).double().to(kernel_device)
+    fused = fastcaps.FusedDigitCaps(11, 5, 3, 4, iterations=3, bias=True, leaky=True).double().to(kernel_device)
+    assert eager.state_dict().keys() == fused.state_dict().keys()
+    with torch.no_grad():
+        eager.bias.normal_()
+    fused.load_state_dict(eager.state_dict())
+    u = torch.randn(4, 11, 5, dtype=torch.float64, device=kernel_device)
+    assert rel_err(fused(u), eager(u)) < TOL[torch.float64]
+    eager.load_state_dict(fused.state_dict())
+
+
+def test_capsnet_routing_switch():
+    assert isinstance(fastcaps.CapsNet(routing="fused").digit_caps, fastcaps.FusedDigitCaps)
+    assert type(fastcaps.CapsNet(routing="eager").digit_caps) is fastcaps.DigitCaps
+    with pytest.raises(ValueError, match="routing"):
+        fastcaps.CapsNet(routing="fast")
+
+
+def test_cpu_without_interpreter_falls_back_with_one_warning():
+    code = textwrap.dedent("""
+        import warnings, torch, fastcaps
+        from fastcaps import reference
+        u, w = torch.randn(2, 5, 3), torch.randn(5, 3, 4, 3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            v1 = fastcaps.dynamic_routing(u, w)
+            v2 = fastcaps.dynamic_routing(u, w)
+        assert torch.equal(v1, reference.dynamic_routing(u, w)) and torch.equal(v1, v2)
+        messages = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
+        assert len(messages) == 1 and "eager reference" in messages[0], messages
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+# ------------------------------------------------------------------ GPU only
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_mnist_shape_on_gpu(dtype):
+    u, weight, _, grad = make_inputs((128, 1152, 10, 16, 8), dtype, "cuda", u_scale=3.0)
+    outs, refs = fused_and_reference(u, weight, None, grad, 3, input_precision="ieee")
+    for name, out, ref in zip(("v", "du", "dW"), outs, refs):
+        assert rel_err(out, ref.to(out.device)) < TOL[dtype], name
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_inductor_on_gpu():
+    net = fastcaps.CapsNet(routing="fused").cuda()
+    x = torch.rand(8, 1, 28, 28, device="cuda")
+    y = torch.randint(0, 10, (8,), device="cuda")
+    compiled = torch.compile(net, fullgraph=True)
+    out = compiled(x, y)
+    fastcaps.capsnet_loss(out, x, y)[0].backward()
+    expected = net(x, y)
+    assert torch.allclose(out.lengths, expected.lengths, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_peak_memory_on_gpu():
+    """Peak extra memory of forward+backward, fused vs eager, at the MNIST shape (B=128)."""
+    u, weight, _, grad = make_inputs((128, 1152, 10, 16, 8), torch.float32, "cuda")
+    peaks = {}
+    for name, fn in (("fused", fastcaps.dynamic_routing), ("eager", reference.dynamic_routing)):
+        leaves = [u.clone().requires_grad_(), weight.clone().requires_grad_()]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.autograd.grad(fn(*leaves, 3), leaves, grad)
+        torch.cuda.synchronize()
+        peaks[name] = torch.cuda.max_memory_allocated() - base
+    print(f"peak extra memory, fwd+bwd, B=128: fused {peaks['fused'] / 2**20:.1f} MiB, "
+          f"eager {peaks['eager'] / 2**20:.1f} MiB ({peaks['fused'] / peaks['eager']:.1%})")
+    assert peaks["fused"] < 0.1 * peaks["eager"]
