@@ -5,7 +5,8 @@ Prints the test error and the confusion matrix and writes, into --out (default: 
 reconstructions.png (inputs above their reconstructions), perturbation.png (the paper's
 Figure 4: each of the 16 dimensions of the predicted digit capsule moved over [-0.25, 0.25]
 in steps of 0.05, then decoded) and training_curves.png (from metrics.jsonl beside the
-checkpoint, when there is one). The figures need matplotlib (`pip install fastcaps[viz]`).
+checkpoint, when there is one). The figures need matplotlib (`pip install fastcaps[viz]`);
+--no-figures writes the numbers only.
 """
 import argparse
 import json
@@ -164,8 +165,10 @@ def save_training_curves(path, records):
 
 
 def evaluate_checkpoint(checkpoint_path, out=None, device=None, routing=None, batch_size=200, bf16=False,
-                        test_subset=None, samples=10, perturb=3) -> dict:
+                        test_subset=None, samples=10, perturb=3, figures=True) -> dict:
     """Everything `fastcaps evaluate` does; returns the summary written to evaluation.json."""
+    if figures:
+        _figure_module()  # fail before the evaluation, not after it
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     routing = routing or ("fused" if device.type == "cuda" else "eager")
     checkpoint_path = Path(checkpoint_path)
@@ -196,6 +199,15 @@ def evaluate_checkpoint(checkpoint_path, out=None, device=None, routing=None, ba
           f"accuracy {summary['test_acc']:.2f}%, loss {summary['test_loss']:.4f}")
     print("confusion matrix:\n" + format_confusion(matrix))
 
+    written = ["evaluation.json", "confusion_matrix.csv"]
+    if figures:
+        written += _save_figures(out, model, images, labels, predictions, samples, perturb,
+                                 checkpoint_path.parent / "metrics.jsonl")
+    print(f"wrote {', '.join(written)} to {out}")
+    return summary
+
+
+def _save_figures(out, model, images, labels, predictions, samples, perturb, metrics_path) -> list[str]:
     with torch.inference_mode():
         recon = model(images[:samples]).reconstruction.float().cpu()
     save_reconstructions(out / "reconstructions.png", images[:samples].cpu(), recon, labels[:samples].cpu(),
@@ -203,17 +215,14 @@ def evaluate_checkpoint(checkpoint_path, out=None, device=None, routing=None, ba
     grids = [perturbation_grid(model, images[k]) for k in range(perturb)]
     save_perturbations(out / "perturbation.png", grids,
                        [f"test image {k}: label {int(labels[k])}, pred {int(predictions[k])}" for k in range(perturb)])
-    written = ["evaluation.json", "confusion_matrix.csv", "reconstructions.png", "perturbation.png"]
-
-    metrics_path = checkpoint_path.parent / "metrics.jsonl"
+    written = ["reconstructions.png", "perturbation.png"]
     records = read_metrics(metrics_path) if metrics_path.is_file() else []
     if any(r["kind"] == "epoch" for r in records):
         save_training_curves(out / "training_curves.png", records)
         written.append("training_curves.png")
     else:
         print(f"no training curves: {metrics_path} is missing or has no epoch record")
-    print(f"wrote {', '.join(written)} to {out}")
-    return summary
+    return written
 
 
 def build_parser(prog=None) -> argparse.ArgumentParser:
@@ -228,6 +237,8 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser.add_argument("--test-subset", type=int, help="only the first N test images")
     parser.add_argument("--samples", type=int, default=10, help="images in reconstructions.png (default 10)")
     parser.add_argument("--perturb", type=int, default=3, help="images in perturbation.png (default 3)")
+    parser.add_argument("--no-figures", dest="figures", action="store_false",
+                        help="only the numbers: no PNG, no matplotlib needed")
     return parser
 
 
@@ -247,7 +258,7 @@ def main(argv=None, prog=None) -> int:
             parser.error("--device cuda: no CUDA GPU is available")
     try:
         evaluate_checkpoint(args.checkpoint, args.out, args.device, args.routing, args.batch, args.bf16,
-                            args.test_subset, args.samples, args.perturb)
+                            args.test_subset, args.samples, args.perturb, args.figures)
     except (ConfigError, FileNotFoundError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
