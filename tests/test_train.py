@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastcaps.train
 from fastcaps import CapsNet
 from fastcaps.data import load_mnist
 from fastcaps.evaluate import ConfigError, PERTURBATIONS, perturbation_grid
@@ -95,6 +96,41 @@ def test_quick_preset_and_explicit_options():
     for bad in (["--batch", "0"], ["--epochs", "-1"], ["--lr", "0"], ["--max-shift", "-1"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+@pytest.mark.parametrize("device_arg, env, expected", [
+    ("cuda", {}, "cuda:1"),                                             # the current GPU, by index
+    ("cuda:0", {}, "cuda:0"),
+    ("cuda", {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, "cuda:1"),  # torchrun: cuda:LOCAL_RANK
+])
+def test_cuda_devices_get_an_index(fake_two_gpus, monkeypatch, device_arg, env, expected):
+    # set_device, DDP and NCCL reject a bare "cuda": checked without a GPU by faking the CUDA queries
+    selected, groups = fake_two_gpus
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    rank, world, device = fastcaps.train._setup_processes(device_arg)
+    assert str(device) == expected and selected == [device]
+    assert (rank, world) == (int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+    assert groups == ([(("nccl",), {"device_id": device})] if env else [])
+
+
+def test_a_missing_gpu_is_a_config_error(fake_two_gpus):
+    with pytest.raises(ConfigError, match="cuda:5 does not exist: 2 GPU"):
+        fastcaps.train._setup_processes("cuda:5")
+
+
+@pytest.fixture
+def fake_two_gpus(monkeypatch):
+    """Two GPUs, the current one cuda:1, no torchrun variables; records set_device and process groups."""
+    selected, groups = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    monkeypatch.setattr(fastcaps.train.dist, "init_process_group", lambda *a, **k: groups.append((a, k)))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return selected, groups
 
 
 # ---------------------------------------------------------------------------- loss wiring
