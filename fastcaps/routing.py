@@ -159,12 +159,14 @@ def dynamic_routing(u: Tensor, weight: Tensor, iterations: int = 3, *, bias: Ten
     """
     if input_precision is None:
         input_precision = _default_precision()
-    _check_inputs(u, weight, bias, iterations, input_precision)
-    device_type = u.device.type
-    if torch.is_autocast_enabled(device_type):
+    device_type = u.device.type if isinstance(u, Tensor) else None
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        # like a matmul under autocast: floating inputs go to the autocast dtype (before the checks,
+        # since autocast is what makes u and weight agree, e.g. bf16 activations and fp32 weights)
         dtype = torch.get_autocast_dtype(device_type)
-        u, weight = u.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+        cast = lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+        u, weight, bias = cast(u), cast(weight), cast(bias)
+    _check_inputs(u, weight, bias, iterations, input_precision)
     if not kernels_available(u.device):
         global _fallback_warned
         if not _fallback_warned:

@@ -22,7 +22,8 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfl
 
 
 def rel_err(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+    ref = ref.double().to(x.device)
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(shape, dtype, device, bias=False, seed=0, u_scale=1.0):
@@ -279,11 +280,13 @@ def test_check_finite_mode_rejects_nan(monkeypatch):
 
 def test_autocast_casts_like_a_matmul(kernel_device):
     dtype = torch.bfloat16 if kernel_device == "cuda" else torch.float16
-    u, weight, _, _ = make_inputs((3, 9, 3, 4, 5), torch.float32, kernel_device)
+    u, weight, bias, _ = make_inputs((3, 9, 3, 4, 5), torch.float32, kernel_device, bias=True)
     with torch.autocast(kernel_device, dtype=dtype):
-        v = fastcaps.dynamic_routing(u, weight, 3)
-    assert v.dtype == dtype
-    assert torch.equal(v, fastcaps.dynamic_routing(u.to(dtype), weight.to(dtype), 3))
+        v = fastcaps.dynamic_routing(u, weight, 3, bias=bias)
+        mixed = fastcaps.dynamic_routing(u.to(dtype), weight, 3, bias=bias)  # low-precision activations
+    assert v.dtype == mixed.dtype == dtype
+    expected = fastcaps.dynamic_routing(u.to(dtype), weight.to(dtype), 3, bias=bias.to(dtype))
+    assert torch.equal(v, expected) and torch.equal(mixed, expected)
 
 
 def test_custom_ops_pass_opcheck(kernel_device):
@@ -367,9 +370,12 @@ def test_compile_fullgraph_inductor_on_gpu():
 
 
 @pytest.mark.gpu
-def test_peak_memory_on_gpu():
-    """Peak extra memory of forward+backward, fused vs eager, at the MNIST shape (B=128)."""
-    u, weight, _, grad = make_inputs((128, 1152, 10, 16, 8), torch.float32, "cuda")
+@pytest.mark.parametrize("batch, limit", [(128, 0.2), (2048, 0.05)])
+def test_peak_memory_on_gpu(batch, limit):
+    """Peak extra memory of forward+backward, fused vs eager, at the MNIST shape. The fused op's
+    is mostly fixed-size at small batch (gradients, dW partials, a transposed copy of W) and the
+    eager loop's grows with B I J D."""
+    u, weight, _, grad = make_inputs((batch, 1152, 10, 16, 8), torch.float32, "cuda")
     peaks = {}
     for name, fn in (("fused", fastcaps.dynamic_routing), ("eager", reference.dynamic_routing)):
         leaves = [u.clone().requires_grad_(), weight.clone().requires_grad_()]
@@ -379,6 +385,6 @@ def test_peak_memory_on_gpu():
         torch.autograd.grad(fn(*leaves, 3), leaves, grad)
         torch.cuda.synchronize()
         peaks[name] = torch.cuda.max_memory_allocated() - base
-    print(f"peak extra memory, fwd+bwd, B=128: fused {peaks['fused'] / 2**20:.1f} MiB, "
+    print(f"peak extra memory, fwd+bwd, B={batch}: fused {peaks['fused'] / 2**20:.1f} MiB, "
           f"eager {peaks['eager'] / 2**20:.1f} MiB ({peaks['fused'] / peaks['eager']:.1%})")
-    assert peaks["fused"] < 0.1 * peaks["eager"]
+    assert peaks["fused"] < limit * peaks["eager"]
