@@ -6,7 +6,7 @@ with triton.testing.do_bench (CUDA events, median over repetitions after warm-up
 gradients each call via torch.autograd.grad). The eager reference is timed once per shape for
 scale. Prints one table; --json writes every row.
 
-    python scripts/tune_routing.py --batch 128 1024 --dtype float32 --grid quick
+    python scripts/tune_routing.py --batch 128 1024 --dtype float32 --grid stages --profile
 """
 import argparse
 import itertools
