@@ -29,6 +29,16 @@ class ConfigError(ValueError):
     """A bad option or input that the command line reports as an error, without a traceback."""
 
 
+def run_reporting_errors(prog: str, fn, *args) -> int:
+    """Run a command's body; a bad configuration or a missing file becomes `prog: error: ...`, exit 2."""
+    try:
+        fn(*args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 @torch.inference_mode()
 def predict(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
             bf16: bool = False):
@@ -256,13 +266,8 @@ def main(argv=None, prog=None) -> int:
             parser.error(f"--device: {err}")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA GPU is available")
-    try:
-        evaluate_checkpoint(args.checkpoint, args.out, args.device, args.routing, args.batch, args.bf16,
-                            args.test_subset, args.samples, args.perturb, args.figures)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors(parser.prog, evaluate_checkpoint, args.checkpoint, args.out, args.device, args.routing,
+                                args.batch, args.bf16, args.test_subset, args.samples, args.perturb, args.figures)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import load_mnist
-from .evaluate import ConfigError, load_checkpoint, predict
+from .evaluate import ConfigError, load_checkpoint, predict, run_reporting_errors
 from .model import CapsNet, capsnet_loss
 
 __all__ = ["draw_shifts", "shift_images", "ExponentialDecay", "global_batch_slice", "build_parser",
@@ -454,12 +454,7 @@ def _train(args, rank, world, device) -> CapsNet:
 
 def main(argv=None, prog=None) -> int:
     args = parse_args(argv, prog)
-    try:
-        train(args)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"{prog or 'fastcaps train'}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors(prog or "fastcaps train", train, args)
 
 
 if __name__ == "__main__":
