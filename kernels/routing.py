@@ -430,15 +430,24 @@ def _shape_constants(u: torch.Tensor, weight: torch.Tensor, block_b: int, input_
                 TF32=input_precision == "tf32" and u.dtype == torch.float32, STAGES=stages)
 
 
+def _launch_setup(u: torch.Tensor, weight: torch.Tensor, input_precision: str):
+    """What every launch of one problem shares: launch parameters, the state buffers' dtype and
+    device, the stride of one [B, J, D] row of them, the kernels' constants, and W transposed."""
+    batch, _, _ = u.shape
+    _, out_caps, out_dim, _ = weight.shape
+    cfg = _Config(u, weight)
+    state = dict(dtype=state_dtype(u.dtype), device=u.device)
+    constants = _shape_constants(u, weight, cfg.block_b, input_precision, cfg.stages)
+    return cfg, state, batch * out_caps * out_dim, constants, _transposed(weight)
+
+
 def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, iterations: int,
                     leaky: bool, input_precision: str):
     """Launch the R forward passes. Returns v [B, J, D] (input dtype), s_all [R, B, J, D] and
     v_sums [R-1, B, J, D] (V^(1) .. V^(R-1)), both in the state dtype."""
     batch, in_caps, _ = u.shape
     _, out_caps, out_dim, _ = weight.shape
-    cfg = _Config(u, weight)
-    state = dict(dtype=state_dtype(u.dtype), device=u.device)
-    state_size = batch * out_caps * out_dim  # stride of one [B, J, D] row of the state buffers
+    cfg, state, state_size, constants, (w_t, w_strides) = _launch_setup(u, weight, input_precision)
     v = torch.empty(batch, out_caps, out_dim, dtype=u.dtype, device=u.device)
     s_all = torch.empty(iterations, batch, out_caps, out_dim, **state)
     v_sums = torch.empty(iterations - 1, batch, out_caps, out_dim, **state)
@@ -446,8 +455,6 @@ def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=u.device)
     bias_arg = bias if bias is not None else s_all  # never read without HAS_BIAS
     bias_strides = bias.stride() if bias is not None else (0, 0)
-    constants = _shape_constants(u, weight, cfg.block_b, input_precision, cfg.stages)
-    w_t, w_strides = _transposed(weight)
     for r in range(iterations):
         _forward_pass_kernel[(cfg.n_tiles, cfg.n_splits)](
             u, w_t, bias_arg, v, s_all, v_sums, partial, counter,
@@ -465,11 +472,7 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
     dbias is returned whether or not the forward had a bias (it is then simply unused)."""
     batch, in_caps, in_dim = u.shape
     _, out_caps, out_dim, _ = weight.shape
-    cfg = _Config(u, weight)
-    state = dict(dtype=state_dtype(u.dtype), device=u.device)
-    state_size = batch * out_caps * out_dim
-    constants = _shape_constants(u, weight, cfg.block_b, input_precision, cfg.stages)
-    w_t, w_strides = _transposed(weight)
+    cfg, state, state_size, constants, (w_t, w_strides) = _launch_setup(u, weight, input_precision)
     first_term = iterations - 1 if (detach_routing or iterations == 1) else 0
     ds = torch.empty(iterations - first_term, batch, out_caps, out_dim, **state)
 
