@@ -19,15 +19,37 @@ from torch import Tensor
 
 from . import reference
 from .layers import DigitCaps
-from .kernels import routing as _kernels
 
-__all__ = ["dynamic_routing", "FusedDigitCaps", "kernels_available"]
+__all__ = ["dynamic_routing", "FusedDigitCaps", "kernels_available", "TritonMissingError"]
 
 _PRECISIONS = ("ieee", "tf32")
-# opt-in check that inputs are finite: costs a reduction and a device sync per call
-_CHECK_FINITE = os.environ.get("FASTCAPS_CHECK_FINITE", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _fallback_warned = False
+_kernels = None  # fastcaps.kernels.routing, imported on first use: only the fused op needs Triton
+
+
+class TritonMissingError(ImportError):
+    """The fused op was called where Triton is not installed."""
+
+
+def _load_kernels():
+    global _kernels
+    if _kernels is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            raise TritonMissingError(
+                "fastcaps.dynamic_routing (the fused routing op) needs Triton, which is not installed: "
+                "`pip install triton`, or use the eager routing (fastcaps.reference.dynamic_routing, "
+                "DigitCaps, CapsNet(routing='eager'), fastcaps train --routing eager)") from exc
+        from .kernels import routing as module
+        _kernels = module
+    return _kernels
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the arithmetic and of the saved routing state: fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------- custom ops (opaque to compile)
@@ -35,13 +57,13 @@ _fallback_warned = False
 @torch.library.custom_op("fastcaps::routing_forward", mutates_args=())
 def _routing_forward_op(u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int, leaky: bool,
                         input_precision: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels.routing_forward(u, weight, bias, iterations, leaky, input_precision)
+    return _load_kernels().routing_forward(u, weight, bias, iterations, leaky, input_precision)
 
 
 @_routing_forward_op.register_fake
 def _(u, weight, bias, iterations, leaky, input_precision):
     batch, (_, out_caps, out_dim, _) = u.shape[0], weight.shape
-    state_dtype = _kernels.state_dtype(u.dtype)
+    state_dtype = _state_dtype(u.dtype)
     return (u.new_empty(batch, out_caps, out_dim),
             u.new_empty(iterations, batch, out_caps, out_dim, dtype=state_dtype),
             u.new_empty(iterations - 1, batch, out_caps, out_dim, dtype=state_dtype))
@@ -51,7 +73,7 @@ def _(u, weight, bias, iterations, leaky, input_precision):
 def _routing_backward_op(grad_v: Tensor, u: Tensor, weight: Tensor, s_all: Tensor, v_sums: Tensor,
                          iterations: int, leaky: bool, detach_routing: bool,
                          input_precision: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels.routing_backward(grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing,
+    return _load_kernels().routing_backward(grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing,
                                      input_precision)
 
 
@@ -93,8 +115,13 @@ class FusedRoutingFunction(torch.autograd.Function):
 # ---------------------------------------------------------------- functional API
 
 def kernels_available(device: torch.device) -> bool:
-    """True where the Triton kernels run: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
-    return device.type == "cuda" or (device.type == "cpu" and _kernels.INTERPRET)
+    """True where the Triton kernels run: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1,
+    with Triton installed."""
+    try:
+        kernels = _load_kernels()
+    except TritonMissingError:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and kernels.INTERPRET)
 
 
 @torch.compiler.assume_constant_result  # read once when torch.compile traces, not guarded
@@ -135,7 +162,8 @@ def _check_inputs(u, weight, bias, iterations, input_precision):
         raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
     if input_precision not in _PRECISIONS:
         raise ValueError(f"input_precision must be one of {_PRECISIONS} or None, got {input_precision!r}")
-    if _CHECK_FINITE:
+    # opt-in, read at every call: costs a reduction and a device sync
+    if os.environ.get("FASTCAPS_CHECK_FINITE", "0") == "1":
         for name, t in tensors.items():
             if not torch.isfinite(t).all():
                 raise ValueError(f"{name} contains NaN or Inf (FASTCAPS_CHECK_FINITE=1)")
@@ -167,6 +195,7 @@ def dynamic_routing(u: Tensor, weight: Tensor, iterations: int = 3, *, bias: Ten
         cast = lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
         u, weight, bias = cast(u), cast(weight), cast(bias)
     _check_inputs(u, weight, bias, iterations, input_precision)
+    _load_kernels()  # the one clear error where Triton is missing
     if not kernels_available(u.device):
         global _fallback_warned
         if not _fallback_warned:

@@ -271,7 +271,7 @@ def test_bad_inputs_are_rejected(bad, error, match):
 
 
 def test_check_finite_mode_rejects_nan(monkeypatch):
-    monkeypatch.setattr("fastcaps.routing._CHECK_FINITE", True)
+    monkeypatch.setenv("FASTCAPS_CHECK_FINITE", "1")  # read at call time, after import
     u = torch.zeros(2, 3, 5)
     u[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
