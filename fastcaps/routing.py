@@ -22,7 +22,7 @@ from .layers import DigitCaps
 
 __all__ = ["dynamic_routing", "FusedDigitCaps", "kernels_available", "TritonMissingError"]
 
-_PRECISIONS = ("ieee", "tf32")
+_PRECISIONS = ("ieee", "tf32x3", "tf32")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _fallback_warned = False
 _kernels = None  # fastcaps.kernels.routing, imported on first use: only the fused op needs Triton
@@ -56,12 +56,12 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("fastcaps::routing_forward", mutates_args=())
 def _routing_forward_op(u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int, leaky: bool,
-                        input_precision: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _load_kernels().routing_forward(u, weight, bias, iterations, leaky, input_precision)
+                        input_precision: str, kernels: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _load_kernels().routing_forward(u, weight, bias, iterations, leaky, input_precision, kernels)
 
 
 @_routing_forward_op.register_fake
-def _(u, weight, bias, iterations, leaky, input_precision):
+def _(u, weight, bias, iterations, leaky, input_precision, kernels):
     batch, (_, out_caps, out_dim, _) = u.shape[0], weight.shape
     state_dtype = _state_dtype(u.dtype)
     return (u.new_empty(batch, out_caps, out_dim),
@@ -72,13 +72,13 @@ def _(u, weight, bias, iterations, leaky, input_precision):
 @torch.library.custom_op("fastcaps::routing_backward", mutates_args=())
 def _routing_backward_op(grad_v: Tensor, u: Tensor, weight: Tensor, s_all: Tensor, v_sums: Tensor,
                          iterations: int, leaky: bool, detach_routing: bool,
-                         input_precision: str) -> tuple[Tensor, Tensor, Tensor]:
+                         input_precision: str, kernels: str) -> tuple[Tensor, Tensor, Tensor]:
     return _load_kernels().routing_backward(grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing,
-                                     input_precision)
+                                     input_precision, kernels)
 
 
 @_routing_backward_op.register_fake
-def _(grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing, input_precision):
+def _(grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing, input_precision, kernels):
     _, out_caps, out_dim, _ = weight.shape
     return u.new_empty(u.shape), weight.new_empty(weight.shape), u.new_empty(out_caps, out_dim)  # contiguous
 
@@ -92,24 +92,24 @@ class FusedRoutingFunction(torch.autograd.Function):
     u_hat at once into du and dW (deterministic: dW is reduced in a fixed order, no atomics)."""
 
     @staticmethod
-    def forward(u, weight, bias, iterations, leaky, detach_routing, input_precision):
-        return torch.ops.fastcaps.routing_forward(u, weight, bias, iterations, leaky, input_precision)
+    def forward(u, weight, bias, iterations, leaky, detach_routing, input_precision, kernels):
+        return torch.ops.fastcaps.routing_forward(u, weight, bias, iterations, leaky, input_precision, kernels)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, weight, bias, iterations, leaky, detach_routing, input_precision = inputs
+        u, weight, bias, iterations, leaky, detach_routing, input_precision, kernels = inputs
         _, s_all, v_sums = output
         ctx.save_for_backward(u, weight, s_all, v_sums)
         ctx.mark_non_differentiable(s_all, v_sums)
         ctx.has_bias = bias is not None
-        ctx.options = (iterations, leaky, detach_routing, input_precision)
+        ctx.options = (iterations, leaky, detach_routing, input_precision, kernels)  # the backward's family too
 
     @staticmethod
     def backward(ctx, grad_v, _grad_s, _grad_v_sums):
         u, weight, s_all, v_sums = ctx.saved_tensors
         grad_u, grad_weight, grad_bias = torch.ops.fastcaps.routing_backward(
             grad_v, u, weight, s_all, v_sums, *ctx.options)
-        return grad_u, grad_weight, (grad_bias if ctx.has_bias else None), None, None, None, None
+        return grad_u, grad_weight, (grad_bias if ctx.has_bias else None), None, None, None, None, None
 
 
 # ---------------------------------------------------------------- functional API
@@ -126,11 +126,20 @@ def kernels_available(device: torch.device) -> bool:
 
 @torch.compiler.assume_constant_result  # read once when torch.compile traces, not guarded
 def _default_precision() -> str:
-    # follow PyTorch's own switch for float32 matmuls: "highest" -> IEEE fp32, else tf32
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    # follow PyTorch's own switch for float32 matmuls: "highest" -> exact fp32 products,
+    # "high" -> three tf32 products (about fp32's accuracy), "medium" -> one tf32 product
+    return _MATMUL_PRECISION[torch.get_float32_matmul_precision()]
 
 
-def _check_inputs(u, weight, bias, iterations, input_precision):
+_MATMUL_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+
+
+@torch.compiler.assume_constant_result  # read once when torch.compile traces, not guarded
+def _default_kernels() -> str:
+    return _load_kernels().family_name()
+
+
+def _check_inputs(u, weight, bias, iterations, leaky, detach_routing, input_precision, kernels):
     if not isinstance(u, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("u and weight must be tensors")
     if u.dim() != 3:
@@ -142,8 +151,8 @@ def _check_inputs(u, weight, bias, iterations, input_precision):
     if (w_in_caps, w_in_dim) != (in_caps, in_dim):
         raise ValueError(f"u [B, I, K] = {tuple(u.shape)} and weight [I, J, D, K] = {tuple(weight.shape)} "
                          f"disagree on I or K")
-    if min(batch, in_caps, in_dim, out_caps, out_dim) < 1:
-        raise ValueError(f"every size must be >= 1, got u {tuple(u.shape)}, weight {tuple(weight.shape)}")
+    if min(in_caps, in_dim, out_caps, out_dim) < 1:  # a batch of 0 samples is fine: v is [0, J, D]
+        raise ValueError(f"I, K, J and D must be >= 1, got u {tuple(u.shape)}, weight {tuple(weight.shape)}")
     if bias is not None:
         if not isinstance(bias, Tensor) or bias.shape != (out_caps, out_dim):
             raise ValueError(f"bias must be [J, D] = {(out_caps, out_dim)}, got "
@@ -160,6 +169,11 @@ def _check_inputs(u, weight, bias, iterations, input_precision):
                          + ", ".join(f"{n}: {t.device}" for n, t in tensors.items()))
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    for name, flag in (("leaky", leaky), ("detach_routing", detach_routing)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if kernels not in (None, "tc", "fma"):
+        raise ValueError(f"kernels must be 'tc', 'fma' or None, got {kernels!r}")
     if input_precision not in _PRECISIONS:
         raise ValueError(f"input_precision must be one of {_PRECISIONS} or None, got {input_precision!r}")
     # opt-in, read at every call: costs a reduction and a device sync
@@ -171,16 +185,22 @@ def _check_inputs(u, weight, bias, iterations, input_precision):
 
 def dynamic_routing(u: Tensor, weight: Tensor, iterations: int = 3, *, bias: Tensor | None = None,
                     leaky: bool = False, detach_routing: bool = False,
-                    input_precision: str | None = None) -> Tensor:
+                    input_precision: str | None = None, kernels: str | None = None) -> Tensor:
     """Fused dynamic routing; same signature and semantics as fastcaps.reference.dynamic_routing.
 
     u [B, I, K], weight [I, J, D, K], optional bias [J, D] -> v [B, J, D] in the input dtype
     (float16, bfloat16, float32 or float64; arithmetic in fp32, fp64 for fp64 inputs).
 
-    input_precision: how float32 inputs enter the u_hat = W u products: "ieee" (exact fp32)
-    or "tf32" (tensor cores, about 1e-3 relative error per product). Default: follow
-    torch.get_float32_matmul_precision() ("highest", PyTorch's default, gives "ieee").
-    Half-precision inputs always use their tensor-core products with fp32 accumulation.
+    input_precision: how float32 inputs enter the products with W: "ieee" (exact fp32
+    products), "tf32x3" (three tf32 tensor-core products per product, about fp32's accuracy)
+    or "tf32" (one tf32 product with operands rounded to nearest, ~1e-4 relative error).
+    Default: follow torch.get_float32_matmul_precision(): "highest" (PyTorch's default) ->
+    "ieee", "high" -> "tf32x3", "medium" -> "tf32". Half-precision inputs use their own
+    tensor-core products with fp32 accumulation.
+
+    kernels: "tc" or "fma", the kernel family (kernels/routing.py); None takes
+    fastcaps.kernels.routing.tuning(kernels=...), else FASTCAPS_KERNELS, else the default. The
+    backward runs the family of its forward.
 
     Under torch.autocast the op casts u, weight and bias to the autocast dtype, like a matmul.
     Set FASTCAPS_CHECK_FINITE=1 to reject NaN/Inf inputs with an error (costs a device sync).
@@ -194,7 +214,7 @@ def dynamic_routing(u: Tensor, weight: Tensor, iterations: int = 3, *, bias: Ten
         dtype = torch.get_autocast_dtype(device_type)
         cast = lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
         u, weight, bias = cast(u), cast(weight), cast(bias)
-    _check_inputs(u, weight, bias, iterations, input_precision)
+    _check_inputs(u, weight, bias, iterations, leaky, detach_routing, input_precision, kernels)
     _load_kernels()  # the one clear error where Triton is missing
     if not kernels_available(u.device):
         global _fallback_warned
@@ -205,7 +225,8 @@ def dynamic_routing(u: Tensor, weight: Tensor, iterations: int = 3, *, bias: Ten
                           RuntimeWarning, stacklevel=2)
         return reference.dynamic_routing(u, weight, iterations, bias=bias, leaky=leaky,
                                          detach_routing=detach_routing)
-    v, _, _ = FusedRoutingFunction.apply(u, weight, bias, iterations, leaky, detach_routing, input_precision)
+    v, _, _ = FusedRoutingFunction.apply(u, weight, bias, iterations, leaky, detach_routing, input_precision,
+                                         kernels or _default_kernels())
     return v
 
 

@@ -19,6 +19,21 @@ from fastcaps.routing import FusedRoutingFunction
 
 # relative-norm tolerance of the fused op against the float64 reference, per input dtype
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+FAMILIES = ("tc", "fma")
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    """Run the test with each kernel family (kernels/routing.py). The tc family runs at matmul
+    precision "high" (tf32x3): exact fp32 products ("ieee", PyTorch's default "highest") are the
+    fma kernels' job whichever family is chosen."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if request.param == "tc" else "highest")
+    try:
+        with kernels.tuning(kernels=request.param):
+            yield request.param
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def rel_err(x, ref):
@@ -61,9 +76,9 @@ SHAPES = [  # B, I, J, D, K
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("iterations", [1, 2, 3, 5])
-def test_matches_reference_fp32(shape, iterations, kernel_device):
+def test_matches_reference_fp32(shape, iterations, kernel_device, family):
     u, weight, _, grad = make_inputs(shape, torch.float32, kernel_device)
-    outs, refs = fused_and_reference(u, weight, None, grad, iterations, input_precision="ieee")
+    outs, refs = fused_and_reference(u, weight, None, grad, iterations)
     for name, out, ref in zip(("v", "du", "dW"), outs, refs):
         assert out.dtype == torch.float32 and out.shape == ref.shape
         assert rel_err(out, ref) < TOL[torch.float32], name
@@ -72,7 +87,7 @@ def test_matches_reference_fp32(shape, iterations, kernel_device):
 @pytest.mark.parametrize("options", [dict(leaky=True), dict(detach_routing=True), dict(leaky=True, detach_routing=True),
                                      dict()], ids=["leaky", "detach", "leaky-detach", "plain"])
 @pytest.mark.parametrize("iterations", [1, 3])
-def test_options_with_bias_fp64(options, iterations, kernel_device):
+def test_options_with_bias_fp64(options, iterations, kernel_device, family):
     u, weight, bias, grad = make_inputs((4, 13, 5, 6, 3), torch.float64, kernel_device, bias=True)
     outs, refs = fused_and_reference(u, weight, bias, grad, iterations, **options)
     for name, out, ref in zip(("v", "du", "dW", "dbias"), outs, refs):
@@ -80,7 +95,7 @@ def test_options_with_bias_fp64(options, iterations, kernel_device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_precision(dtype, kernel_device):
+def test_half_precision(dtype, kernel_device, family):
     if dtype == torch.bfloat16 and kernel_device == "cpu":
         pytest.skip("Triton's interpreter has no bfloat16")
     u, weight, bias, grad = make_inputs((5, 37, 10, 16, 8), dtype, kernel_device, bias=True)
@@ -90,45 +105,63 @@ def test_half_precision(dtype, kernel_device):
         assert rel_err(out, ref) < TOL[dtype], name
 
 
-def test_tf32_products_are_less_exact_than_ieee(kernel_device):
-    u, weight, _, grad = make_inputs((4, 37, 10, 16, 8), torch.float32, kernel_device)
-    errors = {}
-    for precision in ("ieee", "tf32"):
+def test_precisions_against_float64(kernel_device, family):
+    """Each input_precision's error against float64. The tc kernels round their operands to tf32
+    themselves, so a tf32 product of them is exact and the interpreter computes what the GPU
+    computes (fp32 accumulation aside). The fma kernels have exact products for tf32x3."""
+    u, weight, _, grad = make_inputs((20, 37, 10, 16, 8), torch.float32, kernel_device, u_scale=3.0)
+    errors, outputs = {}, {}
+    for precision in ("ieee", "tf32x3", "tf32"):
         outs, refs = fused_and_reference(u, weight, None, grad, 3, input_precision=precision)
-        errors[precision] = rel_err(outs[0], refs[0])
-    assert errors["ieee"] < 1e-5
-    assert 1e-5 < errors["tf32"] < 5e-3  # operands rounded to 10 mantissa bits
+        errors[precision] = [rel_err(out, ref) for out, ref in zip(outs, refs)]
+        outputs[precision] = outs
+    print({precision: [f"{e:.1e}" for e in errs] for precision, errs in errors.items()})
+    for ieee, x3 in zip(errors["ieee"], errors["tf32x3"]):
+        assert ieee < 1e-6
+        assert x3 < max(2 * ieee, 1e-6)  # about fp32's accuracy: the split loses ~2^-22 per product
+    for tf32 in errors["tf32"]:
+        assert 1e-5 < tf32 < 2e-3  # operands rounded to 10 mantissa bits
+    if family == "fma":
+        assert all(torch.equal(a, b) for a, b in zip(outputs["ieee"], outputs["tf32x3"]))
 
 
-def test_default_precision_follows_torch(kernel_device):
+@pytest.mark.parametrize("matmul_precision, input_precision",
+                         [("highest", "ieee"), ("high", "tf32x3"), ("medium", "tf32")])
+def test_default_precision_follows_torch(matmul_precision, input_precision, kernel_device):
     u, weight, _, _ = make_inputs((2, 9, 3, 4, 5), torch.float32, kernel_device)
     saved = torch.get_float32_matmul_precision()
     try:
-        torch.set_float32_matmul_precision("high")
-        tf32 = fastcaps.dynamic_routing(u, weight)
-        torch.set_float32_matmul_precision("highest")
-        ieee = fastcaps.dynamic_routing(u, weight)
+        torch.set_float32_matmul_precision(matmul_precision)
+        with kernels.tuning(kernels="tc"):
+            default = fastcaps.dynamic_routing(u, weight)
+            explicit = fastcaps.dynamic_routing(u, weight, input_precision=input_precision)
+            other = fastcaps.dynamic_routing(u, weight, input_precision="tf32" if input_precision == "ieee" else "ieee")
     finally:
         torch.set_float32_matmul_precision(saved)
-    assert torch.equal(ieee, fastcaps.dynamic_routing(u, weight, input_precision="ieee"))
-    assert torch.equal(tf32, fastcaps.dynamic_routing(u, weight, input_precision="tf32"))
-    assert not torch.equal(ieee, tf32)
+    assert torch.equal(default, explicit) and not torch.equal(default, other)
 
 
-@pytest.mark.parametrize("overrides", [dict(block_b=2, splits=3, grad_tiles_per_chunk=1, grad_i_per_prog=4),
-                                       dict(block_b=4, splits=1, grad_tiles_per_chunk=2, grad_i_per_prog=37, stages=1),
-                                       dict(block_b=8, splits=37, grad_tiles_per_chunk=9, grad_i_per_prog=1, stages=3)],
-                         ids=["many-splits", "one-split", "one-i-per-program"])
-def test_launch_configurations_agree(overrides, kernel_device):
+LAUNCH_CONFIGS = {
+    "fma": [dict(block_b=2, splits=3, grad_tiles_per_chunk=1, grad_i_per_prog=4),
+            dict(block_b=4, splits=1, grad_tiles_per_chunk=2, grad_i_per_prog=37, stages=1),
+            dict(block_b=8, splits=37, grad_tiles_per_chunk=9, grad_i_per_prog=1, stages=3)],
+    "tc": [dict(tc_block_b=16, tc_splits=3, chunk=2, grad_batch_splits=2),
+           dict(tc_block_b=32, tc_splits=1, chunk=8, tc_stages=1, tc_num_warps=2),
+           dict(tc_block_b=16, tc_splits=19, chunk=2, grad_batch_splits=3, tc_stages=3)],
+}
+
+
+@pytest.mark.parametrize("config", range(3), ids=["many-splits", "one-split", "most-splits"])
+def test_launch_configurations_agree(config, kernel_device, family):
     """Every split of the reductions over i and over the batch computes the same function."""
-    u, weight, bias, grad = make_inputs((9, 37, 3, 7, 5), torch.float64, kernel_device, bias=True)
-    with kernels.tuning(**overrides):
+    u, weight, bias, grad = make_inputs((37, 37, 3, 7, 5), torch.float64, kernel_device, bias=True)
+    with kernels.tuning(**LAUNCH_CONFIGS[family][config]):
         outs, refs = fused_and_reference(u, weight, bias, grad, 3, leaky=True)
     for name, out, ref in zip(("v", "du", "dW", "dbias"), outs, refs):
         assert rel_err(out, ref) < TOL[torch.float64], name
 
 
-def test_gradcheck_fp64(kernel_device):
+def test_gradcheck_fp64(kernel_device, family):
     gen = torch.Generator().manual_seed(1)
     u = torch.randn(2, 3, 2, generator=gen, dtype=torch.float64).to(kernel_device).requires_grad_()
     weight = torch.randn(3, 3, 3, 2, generator=gen, dtype=torch.float64).to(kernel_device).requires_grad_()
@@ -139,7 +172,7 @@ def test_gradcheck_fp64(kernel_device):
                                         (u, weight, bias), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
 
 
-def test_every_output_is_written(kernel_device, monkeypatch):
+def test_every_output_is_written(kernel_device, monkeypatch, family):
     """torch.empty poisoned with NaN: an element a kernel leaves unwritten shows up as NaN."""
     real_empty = torch.empty
 
@@ -147,18 +180,18 @@ def test_every_output_is_written(kernel_device, monkeypatch):
         out = real_empty(*args, **kwargs)
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
-    u, weight, bias, grad = make_inputs((7, 37, 3, 7, 5), torch.float32, kernel_device, bias=True)
+    u, weight, bias, grad = make_inputs((21, 37, 3, 7, 5), torch.float32, kernel_device, bias=True)
     u, weight, bias = (t.requires_grad_() for t in (u, weight, bias))
     monkeypatch.setattr(torch, "empty", poisoned_empty)
-    for options in (dict(), dict(detach_routing=True)):
-        with kernels.tuning(block_b=2, splits=4, grad_tiles_per_chunk=2):
+    for options in (dict(), dict(detach_routing=True), dict(leaky=True)):
+        with kernels.tuning(**LAUNCH_CONFIGS[family][0]):
             v = fastcaps.dynamic_routing(u, weight, 3, bias=bias, **options)
             grads = torch.autograd.grad(v, (u, weight, bias), grad)
         for t in (v,) + grads:
             assert torch.isfinite(t).all()
 
 
-def test_zero_input_capsules_are_finite(kernel_device):
+def test_zero_input_capsules_are_finite(kernel_device, family):
     """u = 0 gives s = 0 (without bias), where squash and its gradient must stay finite."""
     u = torch.zeros(3, 11, 4, device=kernel_device, requires_grad=True)
     weight = torch.randn(11, 5, 6, 4, device=kernel_device, requires_grad=True)
@@ -168,7 +201,7 @@ def test_zero_input_capsules_are_finite(kernel_device):
     assert torch.isfinite(du).all() and torch.isfinite(dw).all()
 
 
-def test_fp16_large_inputs_do_not_overflow(kernel_device):
+def test_fp16_large_inputs_do_not_overflow(kernel_device, family):
     """|s|^2 of a float16 s can exceed 65504: it is accumulated in fp32."""
     u = torch.full((2, 8, 4), 0.5, dtype=torch.float16, device=kernel_device)
     weight = torch.full((8, 3, 16, 4), 60.0, dtype=torch.float16, device=kernel_device)
@@ -178,7 +211,7 @@ def test_fp16_large_inputs_do_not_overflow(kernel_device):
                           atol=1e-3)
 
 
-def test_nan_input_propagates(kernel_device):
+def test_nan_input_propagates(kernel_device, family):
     u, weight, _, _ = make_inputs((3, 9, 3, 4, 5), torch.float32, kernel_device)
     u[1, 4, 2] = float("nan")
     v = fastcaps.dynamic_routing(u, weight, 3)
@@ -186,7 +219,7 @@ def test_nan_input_propagates(kernel_device):
     assert torch.isfinite(v[0]).all() and torch.isfinite(v[2]).all()
 
 
-def test_non_contiguous_inputs_and_sum_gradient(kernel_device):
+def test_non_contiguous_inputs_and_sum_gradient(kernel_device, family):
     """Strided u and W, and the stride-0 gradient that y.sum().backward() sends."""
     u_base, w_base, _, _ = make_inputs((5, 9, 3, 4, 6), torch.float64, kernel_device)
     u = u_base.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # strides of a transposed view
@@ -199,7 +232,7 @@ def test_non_contiguous_inputs_and_sum_gradient(kernel_device):
     assert rel_err(weight.grad, w_ref.grad) < TOL[torch.float64]
 
 
-def test_saved_state_is_small(kernel_device):
+def test_saved_state_is_small(kernel_device, family):
     """Autograd keeps u, W and O(B R J D) numbers: nothing of size B I J D."""
     batch, in_caps, out_caps, out_dim, in_dim, iterations = 4, 37, 3, 7, 5, 3
     u, weight, _, _ = make_inputs((batch, in_caps, out_caps, out_dim, in_dim), torch.float32, kernel_device)
@@ -212,7 +245,7 @@ def test_saved_state_is_small(kernel_device):
     assert extra <= (2 * iterations - 1) * batch * out_caps * out_dim
 
 
-def test_fused_path_does_not_fall_back(kernel_device, monkeypatch):
+def test_fused_path_does_not_fall_back(kernel_device, monkeypatch, family):
     """Count kernel launches; the reference must not run at all."""
     launches = []
 
@@ -224,8 +257,11 @@ def test_fused_path_does_not_fall_back(kernel_device, monkeypatch):
             launches.append(self.fn)
             return self.fn[grid]
 
-    for name in ("_forward_pass_kernel", "_reverse_pass_kernel", "_input_grad_kernel"):
-        monkeypatch.setattr(kernels, name, Counting(getattr(kernels, name)))
+    for module, name in ((kernels.routing_fma, "_forward_pass_kernel"), (kernels.routing_fma, "_reverse_pass_kernel"),
+                         (kernels.routing_fma, "_input_grad_kernel"), (kernels.routing_tc, "_tc_forward_kernel"),
+                         (kernels.routing_tc, "_tc_squash_backward_kernel"), (kernels.routing_tc, "_tc_reverse_kernel"),
+                         (kernels.routing_tc, "_tc_input_grad_kernel")):
+        monkeypatch.setattr(module, name, Counting(getattr(module, name)))
 
     def no_reference(*args, **kwargs):
         raise AssertionError("fell back to the eager reference")
@@ -234,14 +270,15 @@ def test_fused_path_does_not_fall_back(kernel_device, monkeypatch):
     u, weight, _, _ = make_inputs((2, 5, 3, 4, 3), torch.float32, kernel_device)
     u.requires_grad_()
     fastcaps.dynamic_routing(u, weight, 3).sum().backward()
-    assert len(launches) == 3 + 2 + 1  # R forward passes, R-1 reverse passes, one final sweep
+    # R forward passes, R-1 reverse passes, one final sweep; tc: and ds^(R-1) before the reverse passes
+    assert len(launches) == 3 + 2 + 1 + (family == "tc")
 
 
-def test_backward_is_deterministic(kernel_device):
-    u, weight, _, grad = make_inputs((9, 37, 3, 7, 5), torch.float32, kernel_device)
+def test_backward_is_deterministic(kernel_device, family):
+    u, weight, _, grad = make_inputs((33, 37, 3, 7, 5), torch.float32, kernel_device)
     results = []
     for _ in range(2):
-        with kernels.tuning(block_b=2, splits=5, grad_tiles_per_chunk=2):
+        with kernels.tuning(**LAUNCH_CONFIGS[family][0]):
             leaves = [u.clone().requires_grad_(), weight.clone().requires_grad_()]
             results.append(torch.autograd.grad(fastcaps.dynamic_routing(*leaves, 3), leaves, grad))
     for a, b in zip(*results):
@@ -253,7 +290,9 @@ def test_backward_is_deterministic(kernel_device):
     (dict(weight=torch.zeros(3, 2, 2)), ValueError, "rank 4"),
     (dict(u=torch.zeros(2, 4, 5)), ValueError, "disagree"),
     (dict(weight=torch.zeros(3, 2, 2, 4)), ValueError, "disagree"),
-    (dict(u=torch.zeros(0, 3, 5)), ValueError, ">= 1"),
+    (dict(u=torch.zeros(2, 0, 5), weight=torch.zeros(0, 2, 2, 5)), ValueError, ">= 1"),
+    (dict(detach_routing="yes"), TypeError, "detach_routing must be True or False"),
+    (dict(leaky=1), TypeError, "leaky must be True or False"),
     (dict(bias=torch.zeros(2, 3)), ValueError, "bias must be"),
     (dict(u=torch.zeros(2, 3, 5, dtype=torch.float64)), TypeError, "share one dtype"),
     (dict(u=torch.zeros(2, 3, 5, dtype=torch.int64)), TypeError, "supported"),
@@ -263,11 +302,48 @@ def test_backward_is_deterministic(kernel_device):
     (dict(input_precision="fp8"), ValueError, "input_precision"),
 ])
 def test_bad_inputs_are_rejected(bad, error, match):
-    args = dict(u=torch.zeros(2, 3, 5), weight=torch.zeros(3, 2, 2, 5), bias=None, iterations=3, input_precision=None)
+    args = dict(u=torch.zeros(2, 3, 5), weight=torch.zeros(3, 2, 2, 5), iterations=3)
     args.update(bad)
     with pytest.raises(error, match=match):
-        fastcaps.dynamic_routing(args["u"], args["weight"], args["iterations"], bias=args["bias"],
-                                 input_precision=args["input_precision"])
+        fastcaps.dynamic_routing(**args)
+
+
+def test_kernel_family_from_the_environment(monkeypatch, kernel_device):
+    u, weight, _, _ = make_inputs((2, 9, 3, 4, 5), torch.float64, kernel_device)
+    results = {}
+    for name in FAMILIES:
+        monkeypatch.setenv("FASTCAPS_KERNELS", name)
+        assert kernels.family_name() == name
+        results[name] = fastcaps.dynamic_routing(u, weight)
+    assert rel_err(results["tc"], results["fma"]) < TOL[torch.float64]
+    monkeypatch.setenv("FASTCAPS_KERNELS", "fast")
+    with pytest.raises(ValueError, match="FASTCAPS_KERNELS"):
+        fastcaps.dynamic_routing(u, weight)
+
+
+def test_empty_batch_like_the_reference(kernel_device, family):
+    """A batch of 0 samples gives v [0, J, D] and zero gradients of the right shapes, as the
+    reference and DigitCaps do."""
+    u = torch.zeros(0, 9, 5, device=kernel_device, requires_grad=True)
+    weight = torch.randn(9, 3, 4, 5, device=kernel_device, requires_grad=True)
+    bias = torch.zeros(3, 4, device=kernel_device, requires_grad=True)
+    v = fastcaps.dynamic_routing(u, weight, 3, bias=bias)
+    assert v.shape == reference.dynamic_routing(u, weight, 3, bias=bias).shape == (0, 3, 4)
+    du, dw, db = torch.autograd.grad(v.sum(), (u, weight, bias))
+    assert du.shape == u.shape and torch.equal(dw, torch.zeros_like(weight)) and torch.equal(db, torch.zeros_like(bias))
+    assert fastcaps.FusedDigitCaps(9, 5, 3, 4).to(kernel_device)(u).shape == (0, 3, 4)
+
+
+def test_huge_activations_squash_to_unit_vectors(kernel_device, family):
+    """|s| around 1e20 in fp32: |s|^2 overflows, but the squash (forward and backward) never
+    forms it: v has norm 1 and every gradient is finite."""
+    gen = torch.Generator().manual_seed(3)
+    u = (1e19 * torch.rand(3, 9, 4, generator=gen)).to(kernel_device).requires_grad_()
+    weight = torch.rand(9, 3, 5, 4, generator=gen).to(kernel_device).requires_grad_()
+    v = fastcaps.dynamic_routing(u, weight, 3)
+    assert torch.allclose(v.norm(dim=-1), torch.ones(3, 3, device=kernel_device), atol=1e-5)
+    du, dw = torch.autograd.grad(v.pow(2).sum(), (u, weight))
+    assert torch.isfinite(du).all() and torch.isfinite(dw).all()
 
 
 def test_check_finite_mode_rejects_nan(monkeypatch):
@@ -289,12 +365,12 @@ def test_autocast_casts_like_a_matmul(kernel_device):
     assert torch.equal(v, expected) and torch.equal(mixed, expected)
 
 
-def test_custom_ops_pass_opcheck(kernel_device):
+def test_custom_ops_pass_opcheck(kernel_device, family):
     u, weight, bias, grad = make_inputs((3, 5, 3, 4, 2), torch.float32, kernel_device, bias=True)
-    v, s_all, v_sums = torch.ops.fastcaps.routing_forward(u, weight, bias, 3, False, "ieee")
-    torch.library.opcheck(torch.ops.fastcaps.routing_forward.default, (u, weight, bias, 3, False, "ieee"))
+    v, s_all, v_sums = torch.ops.fastcaps.routing_forward(u, weight, bias, 3, False, "ieee", family)
+    torch.library.opcheck(torch.ops.fastcaps.routing_forward.default, (u, weight, bias, 3, False, "ieee", family))
     torch.library.opcheck(torch.ops.fastcaps.routing_backward.default,
-                          (grad, u, weight, s_all, v_sums, 3, False, False, "ieee"))
+                          (grad, u, weight, s_all, v_sums, 3, False, False, "ieee", family))
 
 
 def test_compile_fullgraph_sees_one_op(kernel_device):
@@ -307,7 +383,7 @@ def test_compile_fullgraph_sees_one_op(kernel_device):
     assert torch.allclose(out, layer(u), rtol=1e-6, atol=1e-7)
 
 
-def test_fused_and_eager_modules_interchange(kernel_device):
+def test_fused_and_eager_modules_interchange(kernel_device, family):
     eager = fastcaps.DigitCaps(11, 5, 3, 4, iterations=3, bias=True, leaky=True).double().to(kernel_device)
     fused = fastcaps.FusedDigitCaps(11, 5, 3, 4, iterations=3, bias=True, leaky=True).double().to(kernel_device)
     assert eager.state_dict().keys() == fused.state_dict().keys()

@@ -1,0 +1,412 @@
+"""The first routing kernels ("fma" family): u_hat built by outer-product FMAs, one warp per tile
+of 4 samples. Selectable with tuning(kernels="fma") until a GPU sweep has timed them against the
+"tc" family; the math of both is in kernels/routing.py.
+
+Reductions over i (forward and reverse passes) are split over programs: each program of a
+batch tile writes a partial sum, and the last program to finish (an atomic counter per batch
+tile, integer, used only as a semaphore) adds the partials in a fixed order, so results do not
+depend on scheduling. dW is reduced over the batch inside a program, then over a few batch
+chunks by torch.sum: deterministic, no float atomics.
+
+Shape of the work (measured on an H200, see scripts/tune_routing.py): every program is one
+warp over a tile of 4 samples. The softmax over j then stays inside the warp (no barriers),
+each [4, J, D] tile costs 32 registers per thread, and u_hat is built by K outer-product FMAs
+straight into the tile's layout (exact fp32 for every input dtype). The loop over i is
+software-pipelined (tl.range num_stages): the next capsule's W and u are copied
+asynchronously while this one is computed, which hides the L2 latency the loop is bound by.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import arrive, program_target, round_tf32, squash, squash_backward, state_dtype, tuned
+
+__all__ = ["routing_forward", "routing_backward"]
+
+
+# ----------------------------------------------------------------------------- device helpers
+# Tiles are [BLOCK_B, BLOCK_J, BLOCK_D] (batch, output capsule, output dim). J, D and K are
+# compile-time constants: a model has one shape, and masks on padded j/d fold away when J, D
+# are powers of two. u_hat is built by K outer-product FMAs straight into that 3-D layout:
+# with K = 8 this is cheaper than a tensor-core product padded to K = 16 plus the layout
+# conversions it needs, and it is exact fp32 arithmetic for every input dtype.
+
+@triton.jit
+def _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk,
+             J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+             BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+             TF32: tl.constexpr):
+    """u_hat[b, j, d] = sum_k W[i, j, d, k] u[b, i, k] for the batch tile, zero outside. With TF32
+    the fp32 operands are first rounded to tf32, as a tf32 tensor-core product would."""
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_d = tl.arange(0, BLOCK_D)
+    w_row = w_ptr + i * stride_wi + offs_j[:, None] * stride_wj + offs_d[None, :] * stride_wd
+    w_mask = (offs_j[:, None] < J) & (offs_d[None, :] < D)
+    u_row = u_ptr + offs_b * stride_ub + i * stride_ui
+    b_mask = offs_b < B
+    u_hat = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
+    for k in tl.static_range(K):
+        u_k = tl.load(u_row + k * stride_uk, mask=b_mask, other=0.0).to(ACC)
+        w_k = tl.load(w_row + k * stride_wk, mask=w_mask, other=0.0).to(ACC)
+        if TF32:
+            u_k = round_tf32(u_k)
+            w_k = round_tf32(w_k)
+        u_hat += u_k[:, None, None] * w_k[None, :, :]
+    return u_hat
+
+
+@triton.jit
+def _coupling(logits, J: tl.constexpr, BLOCK_J: tl.constexpr, LEAKY: tl.constexpr):
+    """softmax over j (axis 1) of [BLOCK_B, BLOCK_J] logits; padded j get 0; with LEAKY an extra
+    logit 0 joins the normaliser and is dropped."""
+    if BLOCK_J != J:
+        logits = tl.where((tl.arange(0, BLOCK_J) < J)[None, :], logits, float("-inf"))
+    row_max = tl.max(logits, axis=1)
+    if LEAKY:
+        row_max = tl.maximum(row_max, 0.0)
+    e = tl.exp(logits - row_max[:, None])
+    denom = tl.sum(e, axis=1)
+    if LEAKY:
+        denom += tl.exp(-row_max)
+    return e / denom[:, None]
+
+
+@triton.jit
+def _uniform_coupling(J: tl.constexpr, BLOCK_J: tl.constexpr, LEAKY: tl.constexpr, ACC: tl.constexpr):
+    """c at the first iteration (all logits 0): 1 / (J + leaky) on real j, [1, BLOCK_J, 1], computed
+    in the accumulation dtype (a Python-float reciprocal would be rounded to fp32)."""
+    ones = tl.where(tl.arange(0, BLOCK_J) < J, 1.0, 0.0).to(ACC)
+    return (ones / (J + LEAKY))[None, :, None]
+
+
+@triton.jit
+def _softmax_backward(c, dc):
+    """da = c (dc - sum_j c dc) over axis 1 of [BLOCK_B, BLOCK_J] (a leak logit has dc = 0)."""
+    return c * (dc - tl.sum(c * dc, axis=1)[:, None])
+
+
+@triton.jit
+def _state_offsets(tile, B, J: tl.constexpr, D: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets and mask of batch tile `tile` (an int64 index) in a contiguous [B, J, D] state tensor."""
+    offs_b = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs = offs_b[:, None, None] * (J * D) + offs_j[None, :, None] * D + offs_d[None, None, :]
+    mask = (offs_b < B)[:, None, None] & (offs_j < J)[None, :, None] & (offs_d < D)[None, None, :]
+    return offs_b, offs, mask
+
+
+@triton.jit
+def _load_strided(ptr, offs_b, mask, stride_b, stride_j, stride_d, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A [BLOCK_B, BLOCK_J, BLOCK_D] tile of a [B, J, D] tensor with any strides (stride 0 too)."""
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = ptr + offs_b[:, None, None] * stride_b + offs_j[None, :, None] * stride_j + offs_d[None, None, :] * stride_d
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _sum_partials(partial_ptr, n_splits, state_size, offs, mask,
+                  BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """Sum of the per-split partials of a batch tile, in split order (deterministic). Loads
+    bypass L1 (.cg): the partials were written by other programs."""
+    total = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
+    for split in range(0, n_splits):
+        total += tl.load(partial_ptr + split * state_size + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+# ----------------------------------------------------------------------------- forward
+
+@triton.jit
+def _forward_pass_kernel(
+    u_ptr, w_ptr, bias_ptr, v_ptr, s_all_ptr, v_sums_ptr, partial_ptr, counter_ptr,
+    B, I, state_size, r, i_per_split, n_splits,
+    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk, stride_bj, stride_bd,
+    J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LEAKY: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    ACC: tl.constexpr, TF32: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Routing pass r for one batch tile (axis 0) and one slice of the input capsules (axis 1)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_b, offs, mask = _state_offsets(pid_b, B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
+    state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
+    if not FIRST:
+        v_sum = tl.load(v_sums_ptr + (r - 1) * state_size + offs, mask=mask, other=0.0)  # V^(r)
+
+    acc = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
+    i_start = pid_s * i_per_split
+    i_end = tl.minimum(i_start + i_per_split, I)
+    for i in tl.range(i_start, i_end, num_stages=STAGES):
+        u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, stride_wi, stride_wj,
+                         stride_wd, stride_wk, J, D, K, BLOCK_B, BLOCK_J, BLOCK_D, ACC, TF32)
+        if FIRST:
+            acc += u_hat
+        else:
+            c = _coupling(tl.sum(u_hat * v_sum, axis=2), J, BLOCK_J, LEAKY)
+            acc += c[:, :, None] * u_hat
+    if FIRST:
+        acc = acc * _uniform_coupling(J, BLOCK_J, LEAKY, ACC)
+    tl.store(partial_ptr + pid_s * state_size + offs, acc, mask=mask)
+
+    if arrive(counter_ptr, pid_b, (r + 1) * n_splits - 1):
+        s = _sum_partials(partial_ptr, n_splits, state_size, offs, mask, BLOCK_B, BLOCK_J, BLOCK_D, ACC)
+        if HAS_BIAS:
+            offs_j = tl.arange(0, BLOCK_J)
+            offs_d = tl.arange(0, BLOCK_D)
+            bias = tl.load(bias_ptr + offs_j[:, None] * stride_bj + offs_d[None, :] * stride_bd,
+                           mask=(offs_j[:, None] < J) & (offs_d[None, :] < D), other=0.0)
+            s += bias.to(ACC)[None, :, :]
+        tl.store(s_all_ptr + r * state_size + offs, s, mask=mask)
+        v = squash(s, 2)
+        if LAST:
+            tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+        elif FIRST:
+            tl.store(v_sums_ptr + r * state_size + offs, v, mask=mask)
+        else:
+            tl.store(v_sums_ptr + r * state_size + offs, v_sum + v, mask=mask)
+
+
+# ----------------------------------------------------------------------------- backward
+
+@triton.jit
+def _squash_backward_kernel(s_all_ptr, grad_v_ptr, ds_ptr, B, state_size, r, stride_gb, stride_gj, stride_gd,
+                            J: tl.constexpr, D: tl.constexpr,
+                            BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """ds^(r) = squash_backward(s^(r), grad_v), when no reverse pass produces it (R = 1 or
+    detach_routing). grad_v may have any strides (e.g. stride 0 from the gradient of a sum)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_b, offs, mask = _state_offsets(pid_b, B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
+    state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
+    s = tl.load(s_all_ptr + r * state_size + offs, mask=mask, other=0.0)
+    dv = _load_strided(grad_v_ptr, offs_b, mask, stride_gb, stride_gj, stride_gd, BLOCK_J, BLOCK_D).to(s.dtype)
+    tl.store(ds_ptr + offs, squash_backward(s, dv, 2), mask=mask)
+
+
+@triton.jit
+def _reverse_pass_kernel(
+    u_ptr, w_ptr, s_all_ptr, v_sums_ptr, grad_v_ptr, dv_ptr, ds_ptr, partial_ptr, counter_ptr,
+    B, I, state_size, r, pass_index, i_per_split, n_splits,
+    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk, stride_gb, stride_gj, stride_gd,
+    J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+    TOP: tl.constexpr, BOTTOM: tl.constexpr, LEAKY: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Reverse pass r (R-1 >= r >= 1): dV^(r) = sum_i da^(r)_bij u_hat_bij for one batch tile and
+    one slice of i. The last program of the tile writes ds^(r) (and ds^(0) when BOTTOM) and
+    dv^(r-1) = dV^(r) + dv^(r) (dv^(R-2) = dV^(R-1) when TOP, since v^(R-1) is no part of V).
+    dv buffer row q holds dv^(q); ds buffer row r holds ds^(r)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_b, offs, mask = _state_offsets(pid_b, B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
+    state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
+
+    v_sum = tl.load(v_sums_ptr + (r - 1) * state_size + offs, mask=mask, other=0.0)  # V^(r)
+    s = tl.load(s_all_ptr + r * state_size + offs, mask=mask, other=0.0)
+    if TOP:
+        dv = _load_strided(grad_v_ptr, offs_b, mask, stride_gb, stride_gj, stride_gd, BLOCK_J, BLOCK_D).to(ACC)
+    else:
+        dv = tl.load(dv_ptr + r * state_size + offs, mask=mask, other=0.0)
+    ds = squash_backward(s, dv, 2)
+
+    acc = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
+    i_start = pid_s * i_per_split
+    i_end = tl.minimum(i_start + i_per_split, I)
+    for i in tl.range(i_start, i_end, num_stages=STAGES):
+        u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, stride_wi, stride_wj,
+                         stride_wd, stride_wk, J, D, K, BLOCK_B, BLOCK_J, BLOCK_D, ACC, TF32)
+        c = _coupling(tl.sum(u_hat * v_sum, axis=2), J, BLOCK_J, LEAKY)
+        da = _softmax_backward(c, tl.sum(u_hat * ds, axis=2))
+        acc += da[:, :, None] * u_hat
+    tl.store(partial_ptr + pid_s * state_size + offs, acc, mask=mask)
+
+    if arrive(counter_ptr, pid_b, (pass_index + 1) * n_splits - 1):
+        dv_prev = _sum_partials(partial_ptr, n_splits, state_size, offs, mask, BLOCK_B, BLOCK_J, BLOCK_D, ACC)
+        if not TOP:
+            dv_prev += dv
+        tl.store(dv_ptr + (r - 1) * state_size + offs, dv_prev, mask=mask)
+        tl.store(ds_ptr + r * state_size + offs, ds, mask=mask)
+        if BOTTOM:
+            s0 = tl.load(s_all_ptr + offs, mask=mask, other=0.0)
+            tl.store(ds_ptr + offs, squash_backward(s0, dv_prev, 2), mask=mask)
+
+
+@triton.jit
+def _input_grad_kernel(
+    u_ptr, w_ptr, v_sums_ptr, ds_ptr, du_ptr, dw_ptr,
+    B, I, state_size, w_numel, i_per_prog, tiles_per_chunk,
+    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk,
+    J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+    R: tl.constexpr, FIRST_TERM: tl.constexpr, LEAKY: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Final backward sweep for a slice of i (axis 0) and a chunk of batch tiles (axis 1):
+    du_hat from the small vectors (terms r = FIRST_TERM .. R-1), then du (each (b, i) written
+    once) and this chunk's dW, accumulated over its batch tiles in a fixed order into its row of
+    dw_ptr, laid out [n_chunks, K, I, J, D] so that each k-slice is a contiguous [J, D] block.
+    ds row t holds ds^(FIRST_TERM + t)."""
+    pid_i = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_d = tl.arange(0, BLOCK_D)
+    jd_offs = offs_j[:, None] * D + offs_d[None, :]
+    jd_mask = (offs_j[:, None] < J) & (offs_d[None, :] < D)
+    dw_chunk = dw_ptr + pid_c * w_numel  # pid_c is int64
+
+    i_start = pid_i * i_per_prog
+    i_end = tl.minimum(i_start + i_per_prog, I)
+    first_tile = pid_c * tiles_per_chunk
+    last_tile = tl.minimum(first_tile + tiles_per_chunk, tl.cdiv(B, BLOCK_B))
+    for tile in range(first_tile, last_tile):
+        offs_b, offs, mask = _state_offsets(tile, B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
+        b_mask = offs_b < B
+        for i in tl.range(i_start, i_end, num_stages=STAGES):
+            u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, stride_wi, stride_wj,
+                             stride_wd, stride_wk, J, D, K, BLOCK_B, BLOCK_J, BLOCK_D, ACC, TF32)
+            du_hat = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
+            for r in tl.static_range(FIRST_TERM, R):
+                ds = tl.load(ds_ptr + (r - FIRST_TERM) * state_size + offs, mask=mask, other=0.0)
+                if r == 0:
+                    du_hat += _uniform_coupling(J, BLOCK_J, LEAKY, ACC) * ds
+                else:
+                    v_sum = tl.load(v_sums_ptr + (r - 1) * state_size + offs, mask=mask, other=0.0)
+                    c = _coupling(tl.sum(u_hat * v_sum, axis=2), J, BLOCK_J, LEAKY)
+                    du_hat += c[:, :, None] * ds
+                    if FIRST_TERM == 0:  # full gradient: through the softmax too
+                        da = _softmax_backward(c, tl.sum(u_hat * ds, axis=2))
+                        du_hat += da[:, :, None] * v_sum
+            # du_bik = sum_jd W_ijdk du_hat_bijd ; dW_ijdk += sum_b du_hat_bijd u_bik
+            w_row = w_ptr + i * stride_wi + offs_j[:, None] * stride_wj + offs_d[None, :] * stride_wd
+            u_row = u_ptr + offs_b * stride_ub + i * stride_ui
+            for k in tl.static_range(K):
+                w_k = tl.load(w_row + k * stride_wk, mask=jd_mask, other=0.0).to(ACC)
+                du_k = tl.sum(tl.sum(du_hat * w_k[None, :, :], axis=2), axis=1)
+                tl.store(du_ptr + offs_b * (I * K) + i * K + k, du_k.to(du_ptr.dtype.element_ty), mask=b_mask)
+                u_k = tl.load(u_row + k * stride_uk, mask=b_mask, other=0.0).to(ACC)
+                dw_k = tl.sum(du_hat * u_k[:, None, None], axis=0)
+                dw_ptrs = dw_chunk + (k * I + i) * (J * D) + jd_offs
+                if tile > first_tile:
+                    dw_k += tl.load(dw_ptrs, mask=jd_mask, other=0.0)
+                tl.store(dw_ptrs, dw_k, mask=jd_mask)
+
+
+# ----------------------------------------------------------------------------- host side
+
+class _Config:
+    """Launch parameters for one problem size; _TUNING overrides the heuristics."""
+
+    def __init__(self, u: torch.Tensor, weight: torch.Tensor):
+        batch, in_caps, _ = u.shape
+        # one warp per program: the softmax over j then stays inside a warp (no barriers), and
+        # a small batch tile keeps every [BLOCK_B, J, D] tile at 32 registers per thread
+        self.block_b = tuned("block_b", 4)
+        self.num_warps = tuned("num_warps", 1)
+        self.grad_num_warps = tuned("grad_num_warps", 1)
+        # prefetch the next input capsule's W and u (async copies) while computing this one
+        self.stages = tuned("stages", 2)
+        self.n_tiles = triton.cdiv(batch, self.block_b)
+        splits = tuned("splits", triton.cdiv(program_target(u.device, self.num_warps), self.n_tiles))
+        self.i_per_split = triton.cdiv(in_caps, max(1, min(splits, in_caps)))
+        self.n_splits = triton.cdiv(in_caps, self.i_per_split)
+        # final sweep: slices of i x chunks of batch tiles; at most 8 chunks bound dW's partials
+        tiles_per_chunk = tuned("grad_tiles_per_chunk", triton.cdiv(self.n_tiles, 8))
+        self.grad_tiles_per_chunk = max(1, min(tiles_per_chunk, self.n_tiles))
+        self.grad_chunks = triton.cdiv(self.n_tiles, self.grad_tiles_per_chunk)
+        grad_target = program_target(u.device, self.grad_num_warps)
+        i_per_prog = tuned("grad_i_per_prog", triton.cdiv(in_caps * self.grad_chunks, grad_target))
+        self.grad_i_per_prog = max(1, min(i_per_prog, in_caps))
+        self.grad_i_progs = triton.cdiv(in_caps, self.grad_i_per_prog)
+
+
+def _transposed(weight: torch.Tensor):
+    """W copied to [I, K, J, D] and its strides in (i, j, d, k) order: every W_i[:, :, k] slice
+    the kernels load is then a contiguous [J, D] block (16-byte vector loads)."""
+    w_t = weight.permute(0, 3, 1, 2).contiguous()
+    return w_t, (w_t.stride(0), w_t.stride(2), w_t.stride(3), w_t.stride(1))
+
+
+def _shape_constants(u: torch.Tensor, weight: torch.Tensor, block_b: int, input_precision: str, stages: int):
+    _, out_caps, out_dim, in_dim = weight.shape
+    return dict(J=out_caps, D=out_dim, K=in_dim, BLOCK_B=block_b, BLOCK_J=triton.next_power_of_2(out_caps),
+                BLOCK_D=triton.next_power_of_2(out_dim), ACC=tl.float64 if u.dtype == torch.float64 else tl.float32,
+                TF32=input_precision == "tf32" and u.dtype == torch.float32, STAGES=stages)
+
+
+def _launch_setup(u: torch.Tensor, weight: torch.Tensor, input_precision: str):
+    """What every launch of one problem shares: launch parameters, the state buffers' dtype and
+    device, the stride of one [B, J, D] row of them, the kernels' constants, and W transposed."""
+    batch, _, _ = u.shape
+    _, out_caps, out_dim, _ = weight.shape
+    cfg = _Config(u, weight)
+    state = dict(dtype=state_dtype(u.dtype), device=u.device)
+    constants = _shape_constants(u, weight, cfg.block_b, input_precision, cfg.stages)
+    return cfg, state, batch * out_caps * out_dim, constants, _transposed(weight)
+
+
+def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, iterations: int,
+                    leaky: bool, input_precision: str):
+    """Launch the R forward passes. Returns v [B, J, D] (input dtype), s_all [R, B, J, D] and
+    v_sums [R-1, B, J, D] (V^(1) .. V^(R-1)), both in the state dtype."""
+    batch, in_caps, _ = u.shape
+    _, out_caps, out_dim, _ = weight.shape
+    cfg, state, state_size, constants, (w_t, w_strides) = _launch_setup(u, weight, input_precision)
+    v = torch.empty(batch, out_caps, out_dim, dtype=u.dtype, device=u.device)
+    s_all = torch.empty(iterations, batch, out_caps, out_dim, **state)
+    v_sums = torch.empty(iterations - 1, batch, out_caps, out_dim, **state)
+    partial = torch.empty(cfg.n_splits, batch, out_caps, out_dim, **state)
+    counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=u.device)
+    bias_arg = bias if bias is not None else s_all  # never read without HAS_BIAS
+    bias_strides = bias.stride() if bias is not None else (0, 0)
+    for r in range(iterations):
+        _forward_pass_kernel[(cfg.n_tiles, cfg.n_splits)](
+            u, w_t, bias_arg, v, s_all, v_sums, partial, counter,
+            batch, in_caps, state_size, r, cfg.i_per_split, cfg.n_splits,
+            *u.stride(), *w_strides, *bias_strides,
+            HAS_BIAS=bias is not None, LEAKY=leaky, FIRST=r == 0, LAST=r == iterations - 1, **constants,
+            num_warps=cfg.num_warps)
+    return v, s_all, v_sums
+
+
+def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, s_all: torch.Tensor,
+                     v_sums: torch.Tensor, iterations: int, leaky: bool, detach_routing: bool,
+                     input_precision: str):
+    """Gradients (du, dW, dbias) of v = routing(u, W, bias) for the incoming grad_v (any strides).
+    dbias is returned whether or not the forward had a bias (it is then simply unused)."""
+    batch, in_caps, in_dim = u.shape
+    _, out_caps, out_dim, _ = weight.shape
+    cfg, state, state_size, constants, (w_t, w_strides) = _launch_setup(u, weight, input_precision)
+    first_term = iterations - 1 if (detach_routing or iterations == 1) else 0
+    ds = torch.empty(iterations - first_term, batch, out_caps, out_dim, **state)
+
+    if first_term == iterations - 1:
+        _squash_backward_kernel[(cfg.n_tiles,)](
+            s_all, grad_v, ds, batch, state_size, iterations - 1, *grad_v.stride(),
+            J=constants["J"], D=constants["D"], BLOCK_B=cfg.block_b, BLOCK_J=constants["BLOCK_J"],
+            BLOCK_D=constants["BLOCK_D"], num_warps=cfg.num_warps)
+    else:
+        dv = torch.empty(iterations - 1, batch, out_caps, out_dim, **state)
+        partial = torch.empty(cfg.n_splits, batch, out_caps, out_dim, **state)
+        counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=u.device)
+        for pass_index, r in enumerate(range(iterations - 1, 0, -1)):
+            _reverse_pass_kernel[(cfg.n_tiles, cfg.n_splits)](
+                u, w_t, s_all, v_sums, grad_v, dv, ds, partial, counter,
+                batch, in_caps, state_size, r, pass_index, cfg.i_per_split, cfg.n_splits,
+                *u.stride(), *w_strides, *grad_v.stride(),
+                TOP=r == iterations - 1, BOTTOM=r == 1, LEAKY=leaky, **constants, num_warps=cfg.num_warps)
+
+    grad_u = torch.empty(batch, in_caps, in_dim, dtype=u.dtype, device=u.device)
+    # per chunk of batch tiles, dW laid out [K, I, J, D]: each k-slice a contiguous [J, D] block
+    grad_w_partial = torch.empty(cfg.grad_chunks, in_dim, in_caps, out_caps, out_dim, **state)
+    _input_grad_kernel[(cfg.grad_i_progs, cfg.grad_chunks)](
+        u, w_t, v_sums, ds, grad_u, grad_w_partial,
+        batch, in_caps, state_size, weight.numel(), cfg.grad_i_per_prog, cfg.grad_tiles_per_chunk,
+        *u.stride(), *w_strides,
+        R=iterations, FIRST_TERM=first_term, LEAKY=leaky, **constants, num_warps=cfg.grad_num_warps)
+    grad_w = grad_w_partial.sum(dim=0) if cfg.grad_chunks > 1 else grad_w_partial[0]
+    grad_w = grad_w.permute(1, 2, 3, 0).to(weight.dtype).contiguous()
+    grad_bias = ds.sum(dim=(0, 1)).to(u.dtype)
+    return grad_u, grad_w, grad_bias

@@ -1,0 +1,574 @@
+"""Routing kernels on tensor-core dots ("tc", the default family), and their host launchers.
+
+Notation as in kernels/routing.py: u [B, I, K], W [I, J, D, K], state V^(r) = v^(0) + ... +
+v^(r-1) ([B, J, D]), R iterations. Write W_j for the [D, I*K] matrix W_j[d, (i, k)] =
+W[i, j, d, k] and V_j = V[:, j, :]. No u_hat is ever formed, in registers either:
+
+    a_bij  = u_bi . (W_ij^T V_bj):  P_j = V_j @ W_j ([B, D] x [D, I*K]), then a summed over k
+    s_bj   = sum_i c_bij W_ij u_bi: X_j = c_j u (c broadcast over k), s_j = X_j @ W_j^T
+
+Each program owns a tile of BLOCK_B samples and walks a slice of the input capsules in chunks of
+CHUNK capsules (CHUNK * K columns); per chunk and output capsule j, the forward is one dot of
+[BLOCK_B, D] x [D, CHUNK*K] and one of [BLOCK_B, CHUNK*K] x [CHUNK*K, D]. The softmax over j is
+element-wise across the J logit tiles, which live in a tuple (J is not padded to a power of two).
+
+Backward (exact; the derivation is in kernels/routing.py). A reverse pass r adds Q_j = ds_j @ W_j:
+dc = u . Q summed over k, da = c (dc - sum_j c dc), dV_j += (da_j u) @ W_j^T. The final pass owns a
+chunk of capsules and walks every batch tile, so dW is a dot that contracts over the batch,
+accumulated in registers and written once (no atomics, no partial copies unless
+grad_batch_splits asks for them):
+
+    du     = sum_r sum_j c^(r)_j Q^(r)_j + da^(r)_j P^(r)_j       (element-wise on the dot products)
+    dW_j^T = sum_r (c^(r)_j u)^T @ ds^(r)_j + (da^(r)_j u)^T @ V^(r)_j
+
+with c^(0) = 1 / (J + leaky) and no da^(0). P and Q are computed twice per chunk (once for the
+logits, once for du), which costs less than keeping J of them live.
+
+Precision of the fp32 dots (PREC): "ieee" exact fp32 products (FMA units); "tf32" operands
+rounded to nearest tf32, then one tensor-core product (Triton's own tf32 truncates, 5x the
+error); "tf32x3" a = a_hi + a_lo with both parts rounded to tf32, a b ~ a_hi b_hi + a_hi b_lo +
+a_lo b_hi: three tf32 products with fp32 accumulation, about fp32's accuracy. The operands are
+rounded explicitly, so a tf32 product of them is exact and Triton's interpreter (which ignores
+input_precision and multiplies in fp32) computes what the GPU computes. fp16/bf16 inputs use
+their own tensor-core products (V, ds and c u rounded to the input dtype) with fp32
+accumulation; fp64 inputs use fp64 dots.
+
+Reductions over i (forward and reverse passes) end as in the fma family: partials per split,
+summed in split order by the last program of the batch tile to arrive (an integer semaphore).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import arrive, program_target, round_tf32, squash, squash_backward, state_dtype, tuned
+
+__all__ = ["routing_forward", "routing_backward", "PRECISIONS"]
+
+# input_precision -> the PREC constant of the kernels; half inputs always use HALF
+PRECISIONS = {"ieee": 0, "tf32": 1, "tf32x3": 2}
+_HALF = 3
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr, OP: tl.constexpr):
+    """acc + a @ b at precision PREC (see the module docstring); OP is the operand dtype of HALF."""
+    if PREC == 1:
+        return tl.dot(round_tf32(a), round_tf32(b), acc, input_precision="tf32", out_dtype=acc.dtype)
+    elif PREC == 2:
+        a_hi = round_tf32(a)
+        b_hi = round_tf32(b)
+        acc = tl.dot(round_tf32(a - a_hi), b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
+        acc = tl.dot(a_hi, round_tf32(b - b_hi), acc, input_precision="tf32", out_dtype=acc.dtype)
+        return tl.dot(a_hi, b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
+    elif PREC == 3:
+        return tl.dot(a.to(OP), b.to(OP), acc, out_dtype=acc.dtype)
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
+
+
+@triton.jit
+def _set(items, j: tl.constexpr, value):
+    """items with element j replaced (tuples are immutable)."""
+    return items[:j] + (value,) + items[j + 1:]
+
+
+@triton.jit
+def _zeros(J: tl.constexpr, SHAPE0: tl.constexpr, SHAPE1: tl.constexpr, ACC: tl.constexpr):
+    items = ()
+    for j in tl.static_range(J):
+        items = items + (tl.zeros((SHAPE0, SHAPE1), dtype=ACC),)
+    return items
+
+
+@triton.jit
+def _columns(CHUNK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, KMAJOR: tl.constexpr):
+    """(capsule c within the chunk, component k) of each column of a chunk's tiles.
+
+    Default order: column n = (a * CHUNK + c) * KB + b holds k = a * KB + b. With KB = 2 and
+    CHUNK = 4 this matches the tensor-core accumulator layout, where thread q holds columns
+    8 a + 2 q + b: all components of capsule q sit in one thread, so the sums over k and their
+    broadcasts back need no shuffles. KMAJOR: n = k * CHUNK + c, the order _to_kmajor produces."""
+    n = tl.arange(0, KA * CHUNK * KB)
+    if KMAJOR:
+        return n % CHUNK, n // CHUNK
+    return (n // KB) % CHUNK, (n // (CHUNK * KB)) * KB + n % KB
+
+
+@triton.jit
+def _to_kmajor(x, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
+    """[BLOCK_B, columns] from the default column order to the k-major one. For tf32 dots with
+    KB = 2 this only renames registers: the accumulator layout holds columns 8a + 2q + b in
+    thread q, the A-operand layout columns 8a + q + 4b, and both hold capsule q's components
+    k = 2a + b. A convert_layout would cost shuffles in every chunk."""
+    x = tl.permute(tl.reshape(x, (BLOCK_B, KA, CHUNK, KB)), (0, 1, 3, 2))
+    return tl.reshape(x, (BLOCK_B, KA * KB * CHUNK))
+
+
+# Addresses: a 64-bit scalar base per tile (which chunk, which j, which batch tile) plus 32-bit
+# offsets within the tile computed once per program. Offsets per (j, tile) would be loop
+# invariants that the compiler hoists, J of them at a time, and they alone would fill the
+# registers.
+
+@triton.jit
+def _w_offsets(c, k, stride_wi, stride_wd, stride_wk, DP: tl.constexpr):
+    """Offsets of a [DP, columns] tile of W_j: element (d, (c, k)) at d * s_d + c * s_i + k * s_k."""
+    d = tl.arange(0, DP)
+    return d[:, None] * stride_wd + (c * stride_wi + k * stride_wk)[None, :]
+
+
+@triton.jit
+def _load_w(w_ptr, chunk, j: tl.constexpr, offs, c, k, I, stride_wi, stride_wj,
+            K: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, CHUNK: tl.constexpr):
+    """W_j restricted to a chunk, [DP, columns]: element (d, (c, k)) = W[chunk * CHUNK + c, j, d, k],
+    zero outside the problem."""
+    base = w_ptr + tl.cast(chunk, tl.int64) * (CHUNK * stride_wi) + j * stride_wj
+    col_ok = (c < I - chunk * CHUNK) & (k < K)
+    return tl.load(base + offs, mask=(tl.arange(0, DP) < D)[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _load_u(u_ptr, row0, chunk, offs, row_ok, c, k, I, stride_ub, stride_ui, K: tl.constexpr, CHUNK: tl.constexpr):
+    """[BLOCK_B, columns] slice of u for the samples row0 + (0 .. BLOCK_B-1) and a chunk, zero
+    outside the problem; offs = local row * s_b + c * s_i + k * s_k."""
+    base = u_ptr + row0 * stride_ub + tl.cast(chunk, tl.int64) * (CHUNK * stride_ui)
+    col_ok = (c < I - chunk * CHUNK) & (k < K)
+    return tl.load(base + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _segment_sum(x, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
+    """[BLOCK_B, columns] -> [BLOCK_B, CHUNK]: the sum over k of each capsule's columns."""
+    return tl.sum(tl.sum(tl.reshape(x, (BLOCK_B, KA, CHUNK, KB)), axis=3), axis=1)
+
+
+@triton.jit
+def _spread(c, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
+    """[BLOCK_B, CHUNK] -> [BLOCK_B, columns]: each capsule's value on each of its columns."""
+    wide = tl.broadcast_to(c[:, None, :, None], (BLOCK_B, KA, CHUNK, KB))
+    return tl.reshape(wide, (BLOCK_B, KA * CHUNK * KB))
+
+
+@triton.jit
+def _softmax(logits, J: tl.constexpr, LEAKY: tl.constexpr):
+    """Couplings c_j = softmax over the tuple of J logit tiles (with LEAKY an extra logit 0 joins
+    the normaliser and is dropped). Element-wise: each (sample, capsule) is its own softmax."""
+    top = logits[0]
+    for j in tl.static_range(1, J):
+        top = tl.maximum(top, logits[j])
+    if LEAKY:
+        top = tl.maximum(top, 0.0)
+    exps = ()
+    total = tl.exp(-top) if LEAKY else tl.zeros_like(top)
+    for j in tl.static_range(J):
+        e = tl.exp(logits[j] - top)
+        total += e
+        exps = exps + (e,)
+    inv = 1 / total
+    couplings = ()
+    for j in tl.static_range(J):
+        couplings = couplings + (exps[j] * inv,)
+    return couplings
+
+
+@triton.jit
+def _softmax_backward(c, dc, J: tl.constexpr):
+    """da_j = c_j (dc_j - sum_j' c_j' dc_j') over the tuples (a leak logit has dc = 0)."""
+    mean = c[0] * dc[0]
+    for j in tl.static_range(1, J):
+        mean += c[j] * dc[j]
+    da = ()
+    for j in tl.static_range(J):
+        da = da + (c[j] * (dc[j] - mean),)
+    return da
+
+
+@triton.jit
+def _state_tile(row0, B, BLOCK_B: tl.constexpr, J: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    """Offsets within a [BLOCK_B, DP] tile of a contiguous [B, J, D] state tensor whose base is
+    row0 * J * D + j * D, and its mask."""
+    rows = tl.arange(0, BLOCK_B)
+    d = tl.arange(0, DP)
+    return rows[:, None] * (J * D) + d[None, :], (rows < B - row0)[:, None] & (d < D)[None, :]
+
+
+@triton.jit
+def _load_strided_tiles(ptr, row0, mask, stride_b, stride_j, stride_d, J: tl.constexpr, BLOCK_B: tl.constexpr,
+                        DP: tl.constexpr):
+    """The J [BLOCK_B, DP] tiles of a [B, J, D] tensor with any strides (stride 0 too)."""
+    offs = tl.arange(0, BLOCK_B)[:, None] * stride_b + tl.arange(0, DP)[None, :] * stride_d
+    tiles = ()
+    for j in tl.static_range(J):
+        tiles = tiles + (tl.load(ptr + row0 * stride_b + j * stride_j + offs, mask=mask, other=0.0),)
+    return tiles
+
+
+@triton.jit
+def _sum_partials(ptr, n_splits, state_size, offs, mask):
+    """Sum over the splits, in split order (deterministic), of one tile of the partials at ptr
+    (split 0). Loads bypass L1 (.cg): other programs wrote them."""
+    total = tl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    for split in range(1, n_splits):
+        total += tl.load(ptr + split * state_size + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+# ----------------------------------------------------------------------------- forward
+
+@triton.jit
+def _tc_forward_kernel(
+    u_ptr, w_ptr, bias_ptr, v_ptr, s_all_ptr, v_sums_ptr, partial_ptr, counter_ptr,
+    B, I, state_size, r, chunks_per_split, n_splits,
+    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk, stride_bj, stride_bd,
+    J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, HAS_BIAS: tl.constexpr, LEAKY: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Routing pass r for one batch tile (axis 0) and one slice of the chunks of capsules (axis 1)."""
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
+    row0 = tl.cast(pid_b, tl.int64) * BLOCK_B
+    offs, mask = _state_tile(row0, B, BLOCK_B, J, D, DP)
+    state = row0 * (J * D)
+    row_ok = tl.arange(0, BLOCK_B) < B - row0
+    OP: tl.constexpr = u_ptr.dtype.element_ty
+    c1, k1 = _columns(CHUNK, KA, KB, False)
+    c2, k2 = _columns(CHUNK, KA, KB, KMAJOR)
+    u_offs = tl.arange(0, BLOCK_B)[:, None] * stride_ub + (c1 * stride_ui + k1 * stride_uk)[None, :]
+    w1_offs = _w_offsets(c1, k1, stride_wi, stride_wd, stride_wk, DP)
+    w2_offs = _w_offsets(c2, k2, stride_wi, stride_wd, stride_wk, DP)
+    v_sum_ptr = v_sums_ptr + (r - 1) * state_size + state  # V^(r) of this tile, read per chunk (see below)
+    acc = _zeros(J, BLOCK_B, DP, ACC)
+
+    chunk_start = pid_s * chunks_per_split
+    chunk_end = tl.minimum(chunk_start + chunks_per_split, tl.cdiv(I, CHUNK))
+    for chunk in tl.range(chunk_start, chunk_end, num_stages=STAGES):
+        u = _load_u(u_ptr, row0, chunk, u_offs, row_ok, c1, k1, I, stride_ub, stride_ui, K, CHUNK).to(ACC)
+        if FIRST:  # c = 1 / (J + leaky) for every capsule: applied once, after the loop
+            for j in tl.static_range(J):
+                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+                acc = _set(acc, j, _dot(u, tl.trans(w), acc[j], PREC, OP))
+        else:
+            # the J tiles of V^(r) are re-read (from L1) in every chunk rather than held: in
+            # registers, next to the J accumulators, they would spill
+            logits = ()
+            for j in tl.static_range(J):
+                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+                v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
+                p = _dot(v_sum, w, tl.zeros((BLOCK_B, KA * CHUNK * KB), dtype=ACC), PREC, OP)
+                logits = logits + (_segment_sum(u * p, BLOCK_B, CHUNK, KA, KB),)
+            c = _softmax(logits, J, LEAKY)
+            for j in tl.static_range(J):
+                w = _load_w(w_ptr, chunk, j, w2_offs, c2, k2, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+                x = _spread(c[j], BLOCK_B, CHUNK, KA, KB) * u
+                if KMAJOR:
+                    x = _to_kmajor(x, BLOCK_B, CHUNK, KA, KB)
+                acc = _set(acc, j, _dot(x, tl.trans(w), acc[j], PREC, OP))
+    for j in tl.static_range(J):
+        tl.store(partial_ptr + pid_s * state_size + state + j * D + offs, acc[j], mask=mask)
+
+    if arrive(counter_ptr, pid_b, (r + 1) * n_splits - 1):
+        d = tl.arange(0, DP)
+        for j in tl.static_range(J):
+            s = _sum_partials(partial_ptr + state + j * D, n_splits, state_size, offs, mask)
+            if FIRST:
+                s = s / (J + LEAKY)
+            if HAS_BIAS:
+                s += tl.load(bias_ptr + j * stride_bj + d * stride_bd, mask=d < D, other=0.0).to(ACC)[None, :]
+            tl.store(s_all_ptr + r * state_size + state + j * D + offs, s, mask=mask)
+            v = squash(s, 1)
+            if LAST:
+                tl.store(v_ptr + state + j * D + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+            elif FIRST:
+                tl.store(v_sums_ptr + state + j * D + offs, v, mask=mask)
+            else:
+                v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
+                tl.store(v_sums_ptr + r * state_size + state + j * D + offs, v_sum + v, mask=mask)
+
+
+# ----------------------------------------------------------------------------- backward
+
+@triton.jit
+def _tc_squash_backward_kernel(s_all_ptr, grad_v_ptr, ds_ptr, B, state_size, r, ds_row,
+                               stride_gb, stride_gj, stride_gd,
+                               J: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_B: tl.constexpr,
+                               ACC: tl.constexpr):
+    """ds^(r) = squash_backward(s^(r), grad_v) into ds row ds_row, for r = R-1. grad_v may have any
+    strides (stride 0 from the gradient of a sum)."""
+    state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
+    row0 = tl.cast(tl.program_id(0), tl.int64) * BLOCK_B
+    offs, mask = _state_tile(row0, B, BLOCK_B, J, D, DP)
+    state = row0 * (J * D)
+    dv = _load_strided_tiles(grad_v_ptr, row0, mask, stride_gb, stride_gj, stride_gd, J, BLOCK_B, DP)
+    for j in tl.static_range(J):
+        s = tl.load(s_all_ptr + r * state_size + state + j * D + offs, mask=mask, other=0.0)
+        tl.store(ds_ptr + ds_row * state_size + state + j * D + offs, squash_backward(s, dv[j].to(ACC), 1),
+                 mask=mask)
+
+
+@triton.jit
+def _tc_reverse_kernel(
+    u_ptr, w_ptr, s_all_ptr, v_sums_ptr, dv_ptr, ds_ptr, partial_ptr, counter_ptr,
+    B, I, state_size, r, pass_index, chunks_per_split, n_splits,
+    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk,
+    J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
+    TOP: tl.constexpr, LEAKY: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Reverse pass r (R-1 >= r >= 1): dV^(r) = sum_i da^(r)_bij u_hat_bij for one batch tile and
+    one slice of chunks, from ds^(r) (ds buffer row r, written before this pass). The last program
+    of the tile writes dv^(r-1) = dV^(r) + dv^(r) (dv^(R-2) = dV^(R-1) when TOP, since v^(R-1) is no
+    part of V) to dv buffer row r-1, and ds^(r-1) = squash_backward(s^(r-1), dv^(r-1)) to ds row r-1."""
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
+    row0 = tl.cast(pid_b, tl.int64) * BLOCK_B
+    offs, mask = _state_tile(row0, B, BLOCK_B, J, D, DP)
+    state = row0 * (J * D)
+    row_ok = tl.arange(0, BLOCK_B) < B - row0
+    OP: tl.constexpr = u_ptr.dtype.element_ty
+    c1, k1 = _columns(CHUNK, KA, KB, False)
+    c2, k2 = _columns(CHUNK, KA, KB, KMAJOR)
+    u_offs = tl.arange(0, BLOCK_B)[:, None] * stride_ub + (c1 * stride_ui + k1 * stride_uk)[None, :]
+    w1_offs = _w_offsets(c1, k1, stride_wi, stride_wd, stride_wk, DP)
+    w2_offs = _w_offsets(c2, k2, stride_wi, stride_wd, stride_wk, DP)
+    v_sum_ptr = v_sums_ptr + (r - 1) * state_size + state  # V^(r)
+    ds_r_ptr = ds_ptr + r * state_size + state
+
+    acc = _zeros(J, BLOCK_B, DP, ACC)
+    chunk_start = pid_s * chunks_per_split
+    chunk_end = tl.minimum(chunk_start + chunks_per_split, tl.cdiv(I, CHUNK))
+    for chunk in tl.range(chunk_start, chunk_end, num_stages=STAGES):
+        u = _load_u(u_ptr, row0, chunk, u_offs, row_ok, c1, k1, I, stride_ub, stride_ui, K, CHUNK).to(ACC)
+        zero = tl.zeros((BLOCK_B, KA * CHUNK * KB), dtype=ACC)
+        logits = ()
+        dc = ()
+        for j in tl.static_range(J):  # V and ds tiles re-read per chunk (L1), as in the forward
+            w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+            v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
+            ds = tl.load(ds_r_ptr + j * D + offs, mask=mask, other=0.0)
+            logits = logits + (_segment_sum(u * _dot(v_sum, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB),)
+            dc = dc + (_segment_sum(u * _dot(ds, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB),)
+        da = _softmax_backward(_softmax(logits, J, LEAKY), dc, J)
+        for j in tl.static_range(J):
+            w = _load_w(w_ptr, chunk, j, w2_offs, c2, k2, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+            y = _spread(da[j], BLOCK_B, CHUNK, KA, KB) * u
+            if KMAJOR:
+                y = _to_kmajor(y, BLOCK_B, CHUNK, KA, KB)
+            acc = _set(acc, j, _dot(y, tl.trans(w), acc[j], PREC, OP))
+    for j in tl.static_range(J):
+        tl.store(partial_ptr + pid_s * state_size + state + j * D + offs, acc[j], mask=mask)
+
+    if arrive(counter_ptr, pid_b, (pass_index + 1) * n_splits - 1):
+        for j in tl.static_range(J):
+            dv_prev = _sum_partials(partial_ptr + state + j * D, n_splits, state_size, offs, mask)
+            if not TOP:
+                dv_prev += tl.load(dv_ptr + r * state_size + state + j * D + offs, mask=mask, other=0.0)
+            tl.store(dv_ptr + (r - 1) * state_size + state + j * D + offs, dv_prev, mask=mask)
+            s_prev = tl.load(s_all_ptr + (r - 1) * state_size + state + j * D + offs, mask=mask, other=0.0)
+            tl.store(ds_ptr + (r - 1) * state_size + state + j * D + offs, squash_backward(s_prev, dv_prev, 1),
+                     mask=mask)
+
+
+@triton.jit
+def _tc_input_grad_kernel(
+    u_ptr, w_ptr, v_sums_ptr, ds_ptr, du_ptr, dw_ptr,
+    B, I, state_size, w_numel, tiles_per_prog,
+    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk,
+    J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
+    R: tl.constexpr, FIRST_TERM: tl.constexpr, LEAKY: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Final backward pass for one chunk of capsules (axis 0) and one run of batch tiles (axis 1):
+    du of every (sample, capsule) of the chunk, written once, and this run's dW of the chunk,
+    accumulated over its batch tiles and written once to row pid_g of dw_ptr ([G, I, J, D, K],
+    contiguous). Terms r = FIRST_TERM .. R-1; ds row t holds ds^(FIRST_TERM + t). FULL (no
+    detach_routing): the gradient goes through the couplings too."""
+    chunk = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
+    OP: tl.constexpr = u_ptr.dtype.element_ty
+    FULL: tl.constexpr = FIRST_TERM == 0
+    c1, k1 = _columns(CHUNK, KA, KB, False)
+    u_offs = tl.arange(0, BLOCK_B)[:, None] * stride_ub + (c1 * stride_ui + k1 * stride_uk)[None, :]
+    w1_offs = _w_offsets(c1, k1, stride_wi, stride_wd, stride_wk, DP)
+    du_offs = tl.arange(0, BLOCK_B)[:, None] * (I * K) + (c1 * K + k1)[None, :]
+    col_ok = (c1 < I - chunk * CHUNK) & (k1 < K)
+    # dW_j as [DP, columns] = ds_j^T @ (c u): M = DP keeps the accumulators unreplicated across warps
+    # (as [columns, DP] with M = 32 the warps along M would hold copies: twice the registers)
+    dw = _zeros(J, DP, KA * CHUNK * KB, ACC)
+
+    first_tile = pid_g * tiles_per_prog
+    last_tile = tl.minimum(first_tile + tiles_per_prog, tl.cdiv(B, BLOCK_B))
+    for tile in tl.range(first_tile, last_tile, num_stages=STAGES):
+        row0 = tl.cast(tile, tl.int64) * BLOCK_B
+        offs, mask = _state_tile(row0, B, BLOCK_B, J, D, DP)
+        state = row0 * (J * D)
+        row_ok = tl.arange(0, BLOCK_B) < B - row0
+        u = _load_u(u_ptr, row0, chunk, u_offs, row_ok, c1, k1, I, stride_ub, stride_ui, K, CHUNK).to(ACC)
+        zero = tl.zeros((BLOCK_B, KA * CHUNK * KB), dtype=ACC)
+        du = zero
+        if FIRST_TERM == 0:  # r = 0: uniform couplings 1 / (J + leaky), nothing through the softmax
+            u0 = u / (J + LEAKY)  # a division: exact in fp64 too, where a Python-float 1/J would not be
+            q_sum = zero
+            for j in tl.static_range(J):
+                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+                ds0 = tl.load(ds_ptr + state + j * D + offs, mask=mask, other=0.0)
+                q_sum = _dot(ds0, w, q_sum, PREC, OP)
+                dw = _set(dw, j, _dot(tl.trans(ds0), u0, dw[j], PREC, OP))
+            du = q_sum / (J + LEAKY)
+        for r in range(FIRST_TERM + (FIRST_TERM == 0), R):  # from 1 when FULL; not unrolled: code size
+            v_sum_ptr = v_sums_ptr + (r - 1) * state_size + state
+            ds_r_ptr = ds_ptr + (r - FIRST_TERM) * state_size + state
+            logits = ()
+            dc = ()
+            for j in tl.static_range(J):
+                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+                v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
+                logits = logits + (_segment_sum(u * _dot(v_sum, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB),)
+                if FULL:
+                    ds = tl.load(ds_r_ptr + j * D + offs, mask=mask, other=0.0)
+                    dc = dc + (_segment_sum(u * _dot(ds, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB),)
+            c = _softmax(logits, J, LEAKY)
+            if FULL:
+                da = _softmax_backward(c, dc, J)
+            for j in tl.static_range(J):
+                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+                ds = tl.load(ds_r_ptr + j * D + offs, mask=mask, other=0.0)
+                c_cols = _spread(c[j], BLOCK_B, CHUNK, KA, KB)
+                du += c_cols * _dot(ds, w, zero, PREC, OP)
+                dw = _set(dw, j, _dot(tl.trans(ds), c_cols * u, dw[j], PREC, OP))
+                if FULL:
+                    v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
+                    da_cols = _spread(da[j], BLOCK_B, CHUNK, KA, KB)
+                    du += da_cols * _dot(v_sum, w, zero, PREC, OP)
+                    dw = _set(dw, j, _dot(tl.trans(v_sum), da_cols * u, dw[j], PREC, OP))
+        du_base = du_ptr + row0 * (I * K) + tl.cast(chunk, tl.int64) * (CHUNK * K)
+        tl.store(du_base + du_offs, du.to(du_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    # dW[i, j, d, k] from the [DP, columns] tile of dW_j
+    d = tl.arange(0, DP)
+    dw_offs = (d * K)[:, None] + (c1 * (J * D * K) + k1)[None, :]
+    dw_base = dw_ptr + tl.cast(pid_g, tl.int64) * w_numel + tl.cast(chunk, tl.int64) * (CHUNK * J * D * K)
+    for j in tl.static_range(J):
+        tl.store(dw_base + j * (D * K) + dw_offs, dw[j].to(dw_ptr.dtype.element_ty),
+                 mask=(d < D)[:, None] & col_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- host side
+
+class _Config:
+    """Launch parameters and compile-time constants of one problem; tuning() overrides."""
+
+    def __init__(self, u: torch.Tensor, weight: torch.Tensor, input_precision: str):
+        batch, in_caps, in_dim = u.shape
+        _, out_caps, out_dim, _ = weight.shape
+        kp = triton.next_power_of_2(in_dim)
+        dp = max(16, triton.next_power_of_2(out_dim))  # tensor-core dots need K, N >= 16
+        # 32 columns per chunk (4 capsules of 8): the shared memory of the W tiles and the
+        # registers of the J logit tiles stay within an H100's budget (scripts/inspect_kernels.py)
+        chunk = tuned("chunk", max(1, 32 // kp))
+        if chunk * kp < 16:
+            raise ValueError(f"chunk * next_pow2(K) must be >= 16 (a dot's minimum), got {chunk} * {kp}")
+        # the accumulator-layout order of the columns where it applies (see _capsule_columns)
+        kb = 2 if (chunk == 4 and kp >= 2) else kp
+        self.block_b = tuned("tc_block_b", 64 if batch > 16 else 16)
+        if self.block_b < 16:
+            raise ValueError(f"tc_block_b must be >= 16 (a dot's minimum), got {self.block_b}")
+        # 8 warps on 64 samples: half the accumulator registers per thread of 4 warps, which
+        # spill (scripts/inspect_kernels.py, sm_90)
+        self.num_warps = tuned("tc_num_warps", 8 if self.block_b >= 64 else 1)
+        # the final pass's dW dots are [columns, BLOCK_B] x [BLOCK_B, D], too small for 8 warps:
+        # more warps only replicate them (and their registers)
+        self.grad_num_warps = tuned("tc_grad_num_warps", min(self.num_warps, 4))
+        self.stages = tuned("tc_stages", 2)
+        self.n_tiles = triton.cdiv(batch, self.block_b)
+        n_chunks = triton.cdiv(in_caps, chunk)
+        splits = tuned("tc_splits", triton.cdiv(program_target(u.device, self.num_warps), self.n_tiles))
+        self.chunks_per_split = triton.cdiv(n_chunks, max(1, min(splits, n_chunks)))
+        self.n_splits = triton.cdiv(n_chunks, self.chunks_per_split)
+        self.n_chunks = n_chunks
+        # final pass: one program per chunk of capsules, walking every batch tile, unless the
+        # chunks alone cannot fill the GPU; each extra batch split costs a partial copy of dW
+        grad_splits = tuned("grad_batch_splits", 1)
+        self.grad_tiles_per_prog = triton.cdiv(self.n_tiles, max(1, min(grad_splits, self.n_tiles)))
+        self.grad_splits = triton.cdiv(self.n_tiles, self.grad_tiles_per_prog)
+        half = u.dtype in (torch.float16, torch.bfloat16)
+        self.constants = dict(
+            J=out_caps, D=out_dim, K=in_dim, KA=kp // kb, KB=kb, DP=dp, CHUNK=chunk, BLOCK_B=self.block_b,
+            PREC=_HALF if half else (0 if u.dtype == torch.float64 else PRECISIONS[input_precision]),
+            ACC=tl.float64 if u.dtype == torch.float64 else tl.float32, STAGES=self.stages,
+            # the k-major order of the second dot's operands renames registers for tf32 dots
+            # (kWidth 1); fp16/bf16 operands (kWidth 2) already match the accumulator layout
+            KMAJOR=not half and u.dtype != torch.float64)
+
+
+def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, iterations: int,
+                    leaky: bool, input_precision: str):
+    """Launch the R forward passes. Returns v [B, J, D] (input dtype), s_all [R, B, J, D] and
+    v_sums [R-1, B, J, D] (V^(1) .. V^(R-1)), both in the state dtype."""
+    batch, in_caps, _ = u.shape
+    _, out_caps, out_dim, _ = weight.shape
+    cfg = _Config(u, weight, input_precision)
+    state = dict(dtype=state_dtype(u.dtype), device=u.device)
+    v = torch.empty(batch, out_caps, out_dim, dtype=u.dtype, device=u.device)
+    s_all = torch.empty(iterations, batch, out_caps, out_dim, **state)
+    v_sums = torch.empty(iterations - 1, batch, out_caps, out_dim, **state)
+    partial = torch.empty(cfg.n_splits, batch, out_caps, out_dim, **state)
+    counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=u.device)
+    bias_arg = bias if bias is not None else s_all  # never read without HAS_BIAS
+    bias_strides = bias.stride() if bias is not None else (0, 0)
+    for r in range(iterations):
+        _tc_forward_kernel[(cfg.n_tiles, cfg.n_splits)](
+            u, weight, bias_arg, v, s_all, v_sums, partial, counter,
+            batch, in_caps, batch * out_caps * out_dim, r, cfg.chunks_per_split, cfg.n_splits,
+            *u.stride(), *weight.stride(), *bias_strides,
+            FIRST=r == 0, LAST=r == iterations - 1, HAS_BIAS=bias is not None, LEAKY=leaky, **cfg.constants,
+            num_warps=cfg.num_warps)
+    return v, s_all, v_sums
+
+
+def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, s_all: torch.Tensor,
+                     v_sums: torch.Tensor, iterations: int, leaky: bool, detach_routing: bool,
+                     input_precision: str):
+    """Gradients (du, dW, dbias) of v = routing(u, W, bias) for the incoming grad_v (any strides)."""
+    batch, in_caps, in_dim = u.shape
+    _, out_caps, out_dim, _ = weight.shape
+    cfg = _Config(u, weight, input_precision)
+    state = dict(dtype=state_dtype(u.dtype), device=u.device)
+    state_size = batch * out_caps * out_dim
+    first_term = iterations - 1 if (detach_routing or iterations == 1) else 0
+    ds = torch.empty(iterations - first_term, batch, out_caps, out_dim, **state)
+
+    # ds^(R-1) from the incoming gradient; each reverse pass r then leaves ds^(r-1) behind
+    _tc_squash_backward_kernel[(cfg.n_tiles,)](
+        s_all, grad_v, ds, batch, state_size, iterations - 1, iterations - 1 - first_term, *grad_v.stride(),
+        J=out_caps, D=out_dim, DP=cfg.constants["DP"], BLOCK_B=cfg.block_b, ACC=cfg.constants["ACC"],
+        num_warps=cfg.num_warps)
+    if first_term == 0 and iterations > 1:
+        dv = torch.empty(iterations - 1, batch, out_caps, out_dim, **state)
+        partial = torch.empty(cfg.n_splits, batch, out_caps, out_dim, **state)
+        counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=u.device)
+        for pass_index, r in enumerate(range(iterations - 1, 0, -1)):
+            _tc_reverse_kernel[(cfg.n_tiles, cfg.n_splits)](
+                u, weight, s_all, v_sums, dv, ds, partial, counter,
+                batch, in_caps, state_size, r, pass_index, cfg.chunks_per_split, cfg.n_splits,
+                *u.stride(), *weight.stride(),
+                TOP=r == iterations - 1, LEAKY=leaky, **cfg.constants, num_warps=cfg.num_warps)
+
+    grad_u = torch.empty(batch, in_caps, in_dim, dtype=u.dtype, device=u.device)
+    if cfg.grad_splits == 1:  # written once, in the weight's dtype: no partials to sum
+        grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    else:
+        grad_w = torch.empty((cfg.grad_splits,) + tuple(weight.shape), **state)
+    _tc_input_grad_kernel[(cfg.n_chunks, cfg.grad_splits)](
+        u, weight, v_sums, ds, grad_u, grad_w,
+        batch, in_caps, state_size, weight.numel(), cfg.grad_tiles_per_prog,
+        *u.stride(), *weight.stride(),
+        R=iterations, FIRST_TERM=first_term, LEAKY=leaky, **cfg.constants, num_warps=cfg.grad_num_warps)
+    if cfg.grad_splits > 1:
+        grad_w = grad_w.sum(dim=0).to(weight.dtype)  # a fixed order: deterministic
+    grad_bias = ds.sum(dim=(0, 1)).to(u.dtype)
+    return grad_u, grad_w, grad_bias
