@@ -7,10 +7,13 @@ specialisation a real launch would get (integers equal to 1 become constants, 16
 pointers and integers divisible by 16 are marked so). Per kernel: registers per thread,
 stack (spills), shared memory, layout conversions in the TTGIR and the SASS instruction mix.
 
-    python scripts/inspect_kernels.py --batch 128 --dtype float32 [--dump DIR]
+    python scripts/inspect_kernels.py --batch 128 --dtype float32 --precision tf32x3 [--kernels fma] [--dump DIR]
+
+Run it without TRITON_INTERPRET=1: under the interpreter @triton.jit gives no compilable kernels.
 """
 import argparse
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -22,9 +25,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastcaps.kernels import routing as k
+from fastcaps.kernels import common, routing, routing_fma, routing_tc
 
-KERNELS = ("_forward_pass_kernel", "_reverse_pass_kernel", "_squash_backward_kernel", "_input_grad_kernel")
+KERNELS = {routing_tc: ("_tc_forward_kernel", "_tc_reverse_kernel", "_tc_squash_backward_kernel",
+                        "_tc_input_grad_kernel"),
+           routing_fma: ("_forward_pass_kernel", "_reverse_pass_kernel", "_squash_backward_kernel",
+                         "_input_grad_kernel")}
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
                 torch.int32: "i32"}
 
@@ -44,14 +50,14 @@ class _Capture:
 @contextlib.contextmanager
 def capture_launches():
     launches = []
-    saved = {name: getattr(k, name) for name in KERNELS}
-    for name, fn in saved.items():
-        setattr(k, name, _Capture(fn, launches))
+    saved = {(module, name): getattr(module, name) for module, names in KERNELS.items() for name in names}
+    for (module, name), fn in saved.items():
+        setattr(module, name, _Capture(fn, launches))
     try:
         yield launches
     finally:
-        for name, fn in saved.items():
-            setattr(k, name, fn)
+        for (module, name), fn in saved.items():
+            setattr(module, name, fn)
 
 
 def compile_launch(fn, args, kwargs, arch):
@@ -83,6 +89,8 @@ def _tool(name):
 
 
 def report(name, compiled, dump):
+    """Write the TTGIR, PTX, cubin and SASS of one compiled kernel to `dump`; return its numbers:
+    registers, stack (spills), shared memory, layout conversions and the SASS instruction mix."""
     os.makedirs(dump, exist_ok=True)
     for kind in ("ttgir", "ptx"):
         with open(os.path.join(dump, f"{name}.{kind}"), "w") as f:
@@ -96,13 +104,53 @@ def report(name, compiled, dump):
     usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
-    counts = {op: len(re.findall(pattern, sass)) for op, pattern in
-              (("LDL/STL", r"\b(?:LDL|STL)\b"), ("LDS/STS", r"\b(?:LDS|STS)"), ("BAR", r"BAR\.SYNC"),
-               ("FFMA", r"\bFFMA\b"), ("MMA", r"\b(?:HMMA|HGMMA)"), ("LDG", r"\bLDG"), ("LDG.128", r"LDG\.E\.128"),
-               ("SHFL", r"\bSHFL"))}
-    print(f"{name:28} regs {regs.group(1) if regs else '?':>4} stack {stack.group(1) if stack else '?':>5} "
-          f"shared {compiled.metadata.shared:6} | cvt {compiled.asm['ttgir'].count('convert_layout'):3} | "
-          + " ".join(f"{op} {n}" for op, n in counts.items()), flush=True)
+    record = dict(kernel=name, regs=int(regs.group(1)) if regs else -1, stack=int(stack.group(1)) if stack else -1,
+                  shared=compiled.metadata.shared, cvt=compiled.asm["ttgir"].count("convert_layout"))
+    for op, pattern in (("LDL/STL", r"\b(?:LDL|STL)\b"), ("LDS/STS", r"\b(?:LDS|STS)"), ("BAR", r"BAR\.SYNC"),
+                        ("FFMA", r"\bFFMA\b"), ("HMMA", r"\bHMMA"), ("HGMMA", r"\bHGMMA"), ("DMMA", r"\bDMMA"),
+                        ("LDG", r"\bLDG"), ("SHFL", r"\bSHFL"), ("instr", r"^\s+/\*[0-9a-f]+\*/")):
+        record[op] = len(re.findall(pattern, sass, flags=re.MULTILINE))
+    return record
+
+
+def format_record(record):
+    fixed = ("kernel", "regs", "stack", "shared", "cvt")
+    return (f"{record['kernel']:34} regs {record['regs']:>4} stack {record['stack']:>5} shared {record['shared']:6} "
+            f"| cvt {record['cvt']:3} | " + " ".join(f"{op} {n}" for op, n in record.items() if op not in fixed))
+
+
+def compile_launches(batch, shape, dtype, precision, kernels="tc", iterations=3, overrides=None, arch=90, sms=132,
+                     options=(), dump=None, only=None):
+    """Compile, for sm_`arch`, every distinct kernel specialisation that the launchers produce
+    for one problem (forward, then backward with the given options, e.g. ("leaky",
+    "detach_routing")). Yields (name, grid, record)."""
+    in_caps, out_caps, out_dim, in_dim = shape
+    u = torch.randn(batch, in_caps, in_dim, dtype=dtype)
+    weight = torch.randn(in_caps, out_caps, out_dim, in_dim, dtype=dtype)
+    bias = torch.randn(out_caps, out_dim, dtype=dtype) if "bias" in options else None
+    target = lambda device, num_warps: 16 * sms // num_warps  # noqa: E731 (CPU tensors stand in for a GPU)
+    saved_targets = {module: module.program_target for module in KERNELS}
+    dump = dump or tempfile.mkdtemp(prefix="fastcaps-kernels-")
+    try:
+        for module in KERNELS:
+            module.program_target = target
+        with common.tuning(**(overrides or {})), capture_launches() as launches:
+            v, s_all, v_sums = routing.routing_forward(u, weight, bias, iterations, "leaky" in options, precision,
+                                                       kernels)
+            # (the buffers hold garbage: nothing ran; only the launches matter)
+            routing.routing_backward(torch.ones_like(v), u, weight, s_all, v_sums, iterations, "leaky" in options,
+                                     "detach_routing" in options, precision, kernels)
+    finally:
+        for module, fn in saved_targets.items():
+            module.program_target = fn
+    seen = set()
+    for fn, grid, largs, lkwargs in launches:
+        flags = ",".join(f"{key}" for key, value in lkwargs.items() if value is True)
+        name = f"{fn.__name__.strip('_').replace('_kernel', '')}[{flags}]"
+        if name in seen or (only and not any(part in name for part in only)):
+            continue
+        seen.add(name)
+        yield name, grid, report(name, compile_launch(fn, largs, dict(lkwargs), arch), dump)
 
 
 def main(argv=None):
@@ -110,35 +158,30 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--shape", type=int, nargs=4, default=[1152, 10, 16, 8], metavar=("I", "J", "D", "K"))
     parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--precision", default="ieee", choices=["ieee", "tf32"])
-    parser.add_argument("--tuning", default="", help="overrides, e.g. 'block_b=32,num_warps=4'")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    parser.add_argument("--precision", default="tf32x3", choices=list(routing.PRECISIONS))
+    parser.add_argument("--kernels", default="tc", choices=["tc", "fma"])
+    parser.add_argument("--options", default="", help="comma-separated: bias, leaky, detach_routing")
+    parser.add_argument("--tuning", default="", help="overrides, e.g. 'tc_block_b=32,tc_num_warps=2'")
+    parser.add_argument("--only", default="", help="comma-separated parts of the kernel names to compile")
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--sms", type=int, default=132, help="multiprocessors of the target GPU")
     parser.add_argument("--dump", default=tempfile.mkdtemp(prefix="fastcaps-kernels-"))
+    parser.add_argument("--json", action="store_true", help="print one JSON list of {name, grid, record}")
     args = parser.parse_args(argv)
     overrides = {key: int(value) for key, value in (item.split("=") for item in args.tuning.split(",") if item)}
-    in_caps, out_caps, out_dim, in_dim = args.shape
-    dtype = getattr(torch, args.dtype)
-    u = torch.randn(args.batch, in_caps, in_dim, dtype=dtype)
-    weight = torch.randn(in_caps, out_caps, out_dim, in_dim, dtype=dtype)
-    k._program_target = lambda device, num_warps: 16 * args.sms // num_warps  # CPU tensors stand in for a GPU
-    with k.tuning(**overrides), capture_launches() as launches:
-        v, s_all, v_sums = k.routing_forward(u, weight, None, args.iterations, False, args.precision)
-        # (the buffers hold garbage: nothing ran; only the launches matter)
-        k.routing_backward(torch.ones_like(v), u, weight, s_all, v_sums, args.iterations, False, False,
-                           args.precision)
-    print(f"# sm_{args.arch} triton {triton.__version__} {args.dtype} {args.precision} B={args.batch} "
-          f"shape={args.shape} R={args.iterations} tuning={overrides} dump={args.dump}")
-    seen = set()
-    for fn, grid, largs, lkwargs in launches:
-        flags = ",".join(f"{key}" for key, value in lkwargs.items() if value is True)
-        name = f"{fn.__name__.strip('_').replace('_kernel', '')}[{flags}]"
-        if name in seen:
-            continue
-        seen.add(name)
-        report(name, compile_launch(fn, largs, dict(lkwargs), args.arch), args.dump)
-        print(f"{'':28} grid {grid}", flush=True)
+    options = tuple(o for o in args.options.split(",") if o)
+    launches = compile_launches(args.batch, args.shape, getattr(torch, args.dtype), args.precision, args.kernels,
+                                args.iterations, overrides, args.arch, args.sms, options, args.dump,
+                                [part for part in args.only.split(",") if part])
+    if args.json:
+        print(json.dumps([{"name": name, "grid": list(grid), "record": record} for name, grid, record in launches]))
+        return 0
+    print(f"# sm_{args.arch} triton {triton.__version__} {args.kernels} {args.dtype} {args.precision} B={args.batch} "
+          f"shape={args.shape} R={args.iterations} options={options} tuning={overrides} dump={args.dump}")
+    for name, grid, record in launches:
+        print(format_record(record), flush=True)
+        print(f"{'':34} grid {grid}", flush=True)
     return 0
 
 
