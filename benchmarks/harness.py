@@ -40,7 +40,7 @@ PROVIDERS = ("eager", "compile", "fused")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # torch.set_float32_matmul_precision value -> the fused op's input_precision for fp32 inputs
-MATMUL_PRECISIONS = {"highest": "ieee", "high": "tf32"}
+MATMUL_PRECISIONS = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 # MNIST DigitCaps: I input capsules of K dims, J output capsules of D dims
 MNIST_SHAPE = {"in_caps": 1152, "in_dim": 8, "out_caps": 10, "out_dim": 16}
 MAX_INPUT_SETS = 64
@@ -103,7 +103,8 @@ def environment(device: torch.device) -> dict:
                 "threads": torch.get_num_threads()}
     versions = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
                 "cuda": torch.version.cuda, "fastcaps": fastcaps.__version__, "git": _git_commit()}
-    return {"device": info, "versions": versions}
+    from fastcaps.kernels.routing import family_name  # imports Triton: only here, where it is installed
+    return {"device": info, "versions": versions, "fused_kernels": family_name()}
 
 
 def device_slug(env: dict) -> str:

@@ -112,7 +112,8 @@ def markdown(result: dict) -> str:
              f"- device: " + ", ".join(f"{k} {v}" for k, v in dev.items() if k != "name"),
              f"- precision: float32 matmul precision `{prec['float32_matmul_precision']}` "
              f"(cuda.matmul.allow_tf32={prec['cuda_matmul_allow_tf32']}, cudnn.allow_tf32={prec['cudnn_allow_tf32']}),"
-             f" fused input_precision `{prec['fused_input_precision']}`, for every provider",
+             f" fused input_precision `{prec['fused_input_precision']}`, for every provider; fused kernels "
+             f"`{result.get('fused_kernels', 'fma')}`",
              f"- shape: I={cfg['shape']['in_caps']}, K={cfg['shape']['in_dim']}, J={cfg['shape']['out_caps']}, "
              f"D={cfg['shape']['out_dim']}, R={cfg['iterations']} routing iterations",
              "- cells: median ms (p20–p80) over the repetitions; each repetition starts from an idle device; "

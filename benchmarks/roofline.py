@@ -37,7 +37,8 @@ measured, not datasheet peaks: copy bandwidth from a large device-to-device copy
 written), FLOP rates from a large square torch.mm in fp32 (CUDA cores), TF32 and bf16 (tensor
 cores). Three floors, all reported:
   "matching":    dot FLOPs at the rate of the precision the op used (fp32 inputs: fp32 for
-                 input_precision "ieee", tf32 for "tf32"; bf16 inputs: bf16), the rest at fp32;
+                 input_precision "ieee", a third of tf32's for "tf32x3", tf32 for "tf32"; bf16
+                 inputs: bf16), the rest at fp32;
   "cuda_core":   every FLOP at the fp32 rate;
   "tensor_core": every FLOP at the tensor-core rate of the dtype (tf32 or bf16), which no
                  implementation reaches: the softmax and the routing updates are not products.
@@ -132,7 +133,12 @@ def floors_ms(cost: Cost, rates: dict, dtype: torch.dtype, input_precision: str)
     memory_s = cost.bytes / (rates["copy"]["GBps"] * 1e9)
     fp32 = _rate(rates, "fp32")
     tensor = _rate(rates, "bf16" if dtype == torch.bfloat16 else "tf32")
-    dot = tensor if dtype == torch.bfloat16 or input_precision == "tf32" else fp32
+    if dtype == torch.bfloat16 or input_precision == "tf32":
+        dot = tensor
+    elif input_precision == "tf32x3":  # three tensor-core products per product
+        dot = None if tensor is None else tensor / 3
+    else:
+        dot = fp32
     elementwise = cost.flops - cost.dot_flops
 
     def floor(compute_s):

@@ -12,6 +12,7 @@ The whole run keeps to --max-seconds: every measurement gets an equal share of w
 are recorded as skipped.
 """
 import argparse
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -61,7 +62,11 @@ def parse_args(argv=None):
     parser.add_argument("--iterations", type=int, default=3, help="routing iterations R (default: 3)")
     parser.add_argument("--matmul-precision", choices=sorted(harness.MATMUL_PRECISIONS), default="highest",
                         help="torch.set_float32_matmul_precision for every provider; the fused op gets the "
-                             "matching input_precision: highest -> ieee (default), high -> tf32")
+                             "matching input_precision: highest -> ieee (default), high -> tf32x3, medium -> tf32")
+    parser.add_argument("--kernels", choices=("tc", "fma"), default=None,
+                        help="the fused op's kernel family (default: FASTCAPS_KERNELS, else the library's default)")
+    parser.add_argument("--tag", default="",
+                        help="suffix of the result files, <device>-<tag>.json/.md/.png (default: none)")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="budget of the whole run (default: 280, 110 with --quick)")
     parser.add_argument("--e2e-batch", type=int, default=None,
@@ -71,6 +76,8 @@ def parse_args(argv=None):
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results",
                         help="where <device>.json/.md/.png go (default: benchmarks/results)")
     args = parser.parse_args(argv)
+    if args.kernels:  # read by every call of the op, the backward included
+        os.environ["FASTCAPS_KERNELS"] = args.kernels
     if args.iterations < 1:
         parser.error("--iterations must be >= 1")
     args.batches = args.batches or (QUICK_BATCHES if args.quick else FULL_BATCHES)
@@ -273,7 +280,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     result = sweep(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / harness.device_slug(result)
+    stem = args.out_dir / (harness.device_slug(result) + (f"-{args.tag}" if args.tag else ""))
     paths = report.write(result, stem)
     harness.log("")
     harness.log(report.ratios_markdown(result))
