@@ -29,6 +29,7 @@ TUNING_KEYS = {
     "tc_block_b": "samples per program (>= 16)",
     "tc_num_warps": "warps per program",
     "tc_grad_num_warps": "warps per program of the final backward pass",
+    "tc_grad_block_b": "samples per batch tile of the final backward pass (>= 16)",
     "chunk": "input capsules per step of the loop over i (chunk * next_pow2(K) >= 16)",
     "tc_splits": "programs per batch tile in the forward and reverse passes",
     "tc_stages": "software-pipelining depth of the loads over chunks",

@@ -1,6 +1,6 @@
 """The first routing kernels ("fma" family): u_hat built by outer-product FMAs, one warp per tile
-of 4 samples. Selectable with tuning(kernels="fma") until a GPU sweep has timed them against the
-"tc" family; the math of both is in kernels/routing.py.
+of 4 samples. The default family until a GPU sweep has timed the "tc" family against them; the
+math of both is in kernels/routing.py.
 
 Reductions over i (forward and reverse passes) are split over programs: each program of a
 batch tile writes a partial sum, and the last program to finish (an atomic counter per batch

@@ -1,4 +1,4 @@
-"""Routing kernels on tensor-core dots ("tc", the default family), and their host launchers.
+"""Routing kernels on tensor-core dots (the "tc" family), and their host launchers.
 
 Notation as in kernels/routing.py: u [B, I, K], W [I, J, D, K], state V^(r) = v^(0) + ... +
 v^(r-1) ([B, J, D]), R iterations. Write W_j for the [D, I*K] matrix W_j[d, (i, k)] =
@@ -483,6 +483,11 @@ class _Config:
         # the final pass's dW dots are [columns, BLOCK_B] x [BLOCK_B, D], too small for 8 warps:
         # more warps only replicate them (and their registers)
         self.grad_num_warps = tuned("tc_grad_num_warps", min(self.num_warps, 4))
+        # the final pass holds J dW tiles across its batch tiles: small batch tiles keep the J
+        # logit, coupling and gradient tiles beside them within the registers
+        self.grad_block_b = tuned("tc_grad_block_b", 16)
+        if self.grad_block_b < 16:
+            raise ValueError(f"tc_grad_block_b must be >= 16 (a dot's minimum), got {self.grad_block_b}")
         self.stages = tuned("tc_stages", 2)
         self.n_tiles = triton.cdiv(batch, self.block_b)
         n_chunks = triton.cdiv(in_caps, chunk)
@@ -493,8 +498,9 @@ class _Config:
         # final pass: one program per chunk of capsules, walking every batch tile, unless the
         # chunks alone cannot fill the GPU; each extra batch split costs a partial copy of dW
         grad_splits = tuned("grad_batch_splits", 1)
-        self.grad_tiles_per_prog = triton.cdiv(self.n_tiles, max(1, min(grad_splits, self.n_tiles)))
-        self.grad_splits = triton.cdiv(self.n_tiles, self.grad_tiles_per_prog)
+        grad_tiles = triton.cdiv(batch, self.grad_block_b)
+        self.grad_tiles_per_prog = triton.cdiv(grad_tiles, max(1, min(grad_splits, grad_tiles)))
+        self.grad_splits = triton.cdiv(grad_tiles, self.grad_tiles_per_prog)
         half = u.dtype in (torch.float16, torch.bfloat16)
         self.constants = dict(
             J=out_caps, D=out_dim, K=in_dim, KA=kp // kb, KB=kb, DP=dp, CHUNK=chunk, BLOCK_B=self.block_b,
@@ -567,7 +573,8 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
         u, weight, v_sums, ds, grad_u, grad_w,
         batch, in_caps, state_size, weight.numel(), cfg.grad_tiles_per_prog,
         *u.stride(), *weight.stride(),
-        R=iterations, FIRST_TERM=first_term, LEAKY=leaky, **cfg.constants, num_warps=cfg.grad_num_warps)
+        R=iterations, FIRST_TERM=first_term, LEAKY=leaky, **(cfg.constants | dict(BLOCK_B=cfg.grad_block_b)),
+        num_warps=cfg.grad_num_warps)
     if cfg.grad_splits > 1:
         grad_w = grad_w.sum(dim=0).to(weight.dtype)  # a fixed order: deterministic
     grad_bias = ds.sum(dim=(0, 1)).to(u.dtype)
