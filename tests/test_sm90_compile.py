@@ -29,18 +29,22 @@ H100_SHARED_BYTES = 227 * 1024
 MNIST = (1152, 10, 16, 8)
 ODD = (37, 3, 7, 5)
 
-# Spill budgets in stack bytes per (family, kernel name prefix), measured with Triton 3.6 and
-# 3.9 for sm_90 (the closing notes give the numbers); the target is 0 everywhere. A kernel that
-# needs more fails the test: a regression in registers shows here before it shows on a GPU.
+# Spill budgets in stack bytes per (family, kernel name prefix): the most that Triton 3.6 or 3.9
+# needs for sm_90 at any CI config (README, "Kernel families and precision"). The goal is 0; the
+# kernels that do not meet it yet: the fma reverse pass (8 B) and final sweep (24 B fp32, 184 B
+# bf16), and the tc passes (the J = 10 accumulator tiles next to the tf32x3 operand splits). A
+# kernel that needs more than its budget fails: a register regression shows here before a GPU.
+# Keys (family, kernel name prefix, dtype or None for every dtype); the first match counts.
 SPILL_BUDGET = {
-    ("fma", "forward_pass"): 0,
-    ("fma", "squash_backward"): 0,
-    ("fma", "reverse_pass"): 16,
-    ("fma", "input_grad"): 64,
-    ("tc", "tc_squash_backward"): 0,
-    ("tc", "tc_forward"): 1024,
-    ("tc", "tc_reverse"): 1024,
-    ("tc", "tc_input_grad"): 16384,
+    ("fma", "forward_pass", None): 0,
+    ("fma", "squash_backward", None): 0,
+    ("fma", "reverse_pass", None): 8,
+    ("fma", "input_grad", "bfloat16"): 184,
+    ("fma", "input_grad", None): 24,
+    ("tc", "tc_squash_backward", None): 0,
+    ("tc", "tc_forward", None): 568,
+    ("tc", "tc_reverse", None): 592,
+    ("tc", "tc_input_grad", None): 1048,
 }
 FP64_SPILL_BUDGET = 32768  # fp64 is a correctness path, not a fast one: it may spill
 
@@ -104,7 +108,8 @@ def test_kernels_compile_for_sm90(config, compiled):
         if record["shared"] > H100_SHARED_BYTES:
             problems.append(f"{name}: {record['shared']} B of shared memory > {H100_SHARED_BYTES}")
         budget = FP64_SPILL_BUDGET if dtype == "float64" else next(
-            b for (fam, prefix), b in SPILL_BUDGET.items() if fam == family and name.startswith(prefix))
+            b for (fam, prefix, dt), b in SPILL_BUDGET.items()
+            if fam == family and name.startswith(prefix) and dt in (None, dtype))
         if record["stack"] > budget:
             problems.append(f"{name}: {record['stack']} B of spills > budget {budget}")
     assert not problems, "; ".join(problems)
