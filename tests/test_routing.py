@@ -464,3 +464,39 @@ def test_peak_memory_on_gpu(batch, limit):
     print(f"peak extra memory, fwd+bwd, B={batch}: fused {peaks['fused'] / 2**20:.1f} MiB, "
           f"eager {peaks['eager'] / 2**20:.1f} MiB ({peaks['fused'] / peaks['eager']:.1%})")
     assert peaks["fused"] < limit * peaks["eager"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family_name", FAMILIES)
+@pytest.mark.parametrize("dtype, precision, tol", [(torch.float32, "tf32x3", 2e-5), (torch.float32, "tf32", 2e-3),
+                                                    (torch.float16, "ieee", 3e-3), (torch.bfloat16, "ieee", 2e-2)],
+                         ids=["tf32x3", "tf32", "fp16", "bf16"])
+def test_reduced_precisions_on_gpu(family_name, dtype, precision, tol):
+    """The tensor-core products on real tensor cores (the interpreter multiplies in fp32 whatever
+    input_precision says) at the MNIST shape, against float64."""
+    u, weight, _, grad = make_inputs((128, 1152, 10, 16, 8), dtype, "cuda", u_scale=3.0)
+    with kernels.tuning(kernels=family_name):
+        outs, refs = fused_and_reference(u, weight, None, grad, 3, input_precision=precision)
+    errors = [rel_err(out, ref.to(out.device)) for out, ref in zip(outs, refs)]
+    print(f"{family_name} {dtype} {precision}: v, du, dW error " + ", ".join(f"{e:.1e}" for e in errors))
+    assert max(errors) < tol
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_reduce_overhead():
+    """torch.compile(mode="reduce-overhead") captures the op's launches (forward and backward) in
+    CUDA graphs and replays them with the eager op's results."""
+    torch.manual_seed(0)
+    layer = fastcaps.FusedDigitCaps(1152, 8, 10, 16).cuda()
+    u = fastcaps.squash(torch.randn(32, 1152, 8, device="cuda"))
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, recording, replay
+        layer.zero_grad()
+        out = compiled(u)
+        out.square().sum().backward()
+    graph_grad = layer.weight.grad.clone()
+    layer.zero_grad()
+    expected = layer(u)
+    expected.square().sum().backward()
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(graph_grad, layer.weight.grad, rtol=1e-4, atol=1e-7)
