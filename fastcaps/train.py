@@ -559,9 +559,10 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
     say(f"final test accuracy {record['test_acc']:.2f}% (error {record['test_error']:.2f}%) on "
         f"{record['test_images']} test images after {step} steps ({record['epochs_done']:.2f} epochs), "
         f"wall {_fmt_time(record['wall_s'])} since the first step")
-    say("; ".join(f"test accuracy >= {threshold}%: " + (
-        f"first at {_fmt_time(hit['wall_s'])} (epoch {hit['epoch']}, step {hit['step']})" if hit else "not reached")
-        for threshold, hit in ((t, milestones.get(str(t))) for t in MILESTONES)))
+    reached = [f">= {t}% first at {_fmt_time(hit['wall_s'])} (epoch {hit['epoch']}, step {hit['step']})"
+               for t in MILESTONES if (hit := milestones.get(str(t)))]
+    missed = [f"{t}%" for t in MILESTONES if str(t) not in milestones]
+    say("test accuracy " + "; ".join(reached + ([f">= {' or '.join(missed)}: not reached"] if missed else [])))
     say(f"total time {_fmt_time(time.perf_counter() - started)}; checkpoint {checkpoint_path}")
     return model
 
