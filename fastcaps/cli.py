@@ -1,5 +1,6 @@
 """The `fastcaps` command: `fastcaps train ...` and `fastcaps evaluate CHECKPOINT ...`."""
 import importlib.metadata
+import importlib.util
 import sys
 
 from . import __version__, evaluate, train
@@ -14,9 +15,11 @@ def version_text() -> str:
     """fastcaps' version and those of what it runs on (Triton is read without importing it)."""
     import torch
     try:
-        triton = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        triton = "not installed (the fused routing needs it)"
+        found = importlib.util.find_spec("triton") is not None
+        triton = importlib.metadata.version("triton") if found else None
+    except (ImportError, ValueError):
+        triton = None
+    triton = triton or "not installed (the fused routing needs it)"
     return f"fastcaps {__version__} (torch {torch.__version__}, triton {triton}, python {sys.version.split()[0]})"
 
 
