@@ -193,7 +193,8 @@ def evaluate_checkpoint(checkpoint_path, out=None, device=None, routing=None, ba
 
     write_atomic(out / "evaluation.json", json.dumps(summary, indent=1) + "\n")
     csv = io.StringIO()
-    np.savetxt(csv, matrix.numpy(), fmt="%d", delimiter=",", header="rows: true class 0-9, columns: predicted class 0-9")
+    np.savetxt(csv, matrix.numpy(), fmt="%d", delimiter=",",
+               header="rows: true class 0-9, columns: predicted class 0-9")
     write_atomic(out / "confusion_matrix.csv", csv.getvalue())
     print(f"test error {summary['test_error']:.2f}% ({n - correct} of {n} wrong), "
           f"accuracy {summary['test_acc']:.2f}%, loss {summary['test_loss']:.4f}")

@@ -45,9 +45,10 @@ from torch.nn.parallel import DistributedDataParallel
 from .data import load_mnist
 from .evaluate import predict
 from .model import CapsNet, capsnet_loss
-from .runio import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, EXIT_FAILED, EXIT_INTERRUPTED, CheckpointError, ConfigError, MetricsLog, RunLock,
-                    TrainingStopped, check_model_state, load_checkpoint, parse_device, prepare_out_dir,
-                    progress_bar, read_metrics, require_tensorboard, resolve_routing, run_reporting_errors, save_atomic, write_atomic)
+from .runio import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, EXIT_FAILED, EXIT_INTERRUPTED, CheckpointError,
+                    ConfigError, MetricsLog, RunLock, TrainingStopped, check_model_state, load_checkpoint,
+                    parse_device, prepare_out_dir, progress_bar, read_metrics, require_tensorboard, resolve_routing,
+                    run_reporting_errors, save_atomic, write_atomic)
 
 __all__ = ["draw_shifts", "shift_images", "ExponentialDecay", "global_batch_slice", "build_parser",
            "parse_args", "train", "main", "QUICK", "FULL"]

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 import fastcaps.train
-from fastcaps import CapsNet, runio
 from fastcaps.cli import main as cli_main
 from fastcaps.runio import (CheckpointError, ConfigError, RunLock, TrainingStopped, load_checkpoint, read_metrics,
                             run_reporting_errors, write_atomic)
@@ -443,3 +442,16 @@ def test_tensorboard_gets_every_number_of_metrics_jsonl(tmp_path, monkeypatch):
     expected = [(f"{r['kind']}/{k}", v, r["step"]) for r in records for k, v in r.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"]
     assert scalars == expected and ("epoch/test_acc", records[-1]["test_acc"], 3) in scalars
+
+
+def test_tensorboard_event_files_hold_the_metrics(tmp_path):
+    pytest.importorskip("tensorboard")  # the optional extra: skipped where it is not installed
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train(tiny_args(tmp_path, "--max-steps", "2", "--tensorboard"))
+    train(tiny_args(tmp_path, "--max-steps", "4", "--tensorboard", "--resume"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    for kind, key in (("progress", "train_loss"), ("epoch", "test_acc")):
+        logged = [(e.step, e.value) for e in events.Scalars(f"{kind}/{key}")]
+        assert logged == [(r["step"], pytest.approx(r[key])) for r in records if r["kind"] == kind]
