@@ -54,11 +54,14 @@ __all__ = ["draw_shifts", "shift_images", "ExponentialDecay", "global_batch_slic
            "parse_args", "train", "main", "QUICK", "FULL"]
 
 # Defaults of the options that --quick changes; an option given on the command line wins.
-FULL = {"epochs": 50, "max_steps": None, "batch": 128, "log_every": 50, "out": "runs/mnist"}
+FULL = {"epochs": 50, "max_steps": None, "batch": 128, "log_every": 50, "out": "runs/mnist",
+        "checkpoint_every_min": 5.0}
 # Well inside 10 minutes on 2 CPU cores, the full 10k test evaluation included (~0.37 s a step,
 # ~50 s for the evaluation, on a quiet machine; up to ~2.5x that when the cores are shared):
 # batch 32 costs less per image than 128 on a CPU and gives 4x the updates in the same time.
-QUICK = {"epochs": 1, "max_steps": 300, "batch": 32, "log_every": 25, "out": "runs/quick"}
+# A checkpoint every minute: a crash of the ~3-minute run loses at most a minute of it.
+QUICK = {"epochs": 1, "max_steps": 300, "batch": 32, "log_every": 25, "out": "runs/quick",
+         "checkpoint_every_min": 1.0}
 # Options that change what is trained: a resumed run must keep them.
 RECIPE = ("batch", "lr", "lr_decay", "lr_decay_steps", "min_lr", "iterations", "max_shift", "seed",
           "train_subset")
@@ -143,9 +146,10 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                         help="continue from CHECKPOINT (default: last.pt of --out) with the same recipe options")
     parser.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
-    parser.add_argument("--checkpoint-every-min", type=float, default=5.0,
-                        help="also write last.pt when this many minutes have passed since the last one, at "
-                             "the next --log-every step (default 5)")
+    parser.add_argument("--checkpoint-every-min", type=float,
+                        help="also write last.pt when this many minutes have passed since the last one, at the "
+                             f"next --log-every step (default {FULL['checkpoint_every_min']:g}, with --quick "
+                             f"{QUICK['checkpoint_every_min']:g})")
     parser.add_argument("--tensorboard", action="store_true",
                         help="also log the metrics to <out>/tensorboard (needs: pip install 'fastcaps[tensorboard]')")
     parser.add_argument("--log-every", type=int, help=f"steps between progress lines (default {FULL['log_every']})")
@@ -440,6 +444,8 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
     try:
         while step < total_steps:
             if stop is not None and stop.requested:
+                if step == 0:
+                    raise TrainingStopped("interrupted before the first step: nothing to save", EXIT_INTERRUPTED)
                 if saved is None or saved[1] != step:
                     mid_epoch_checkpoint()
                 raise TrainingStopped(f"interrupted at step {step}: {_resume_hint(saved)}", EXIT_INTERRUPTED)

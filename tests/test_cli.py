@@ -78,6 +78,11 @@ def test_bad_train_options_are_one_line_usage_errors(tmp_path, capsys, extra, me
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_quick_runs_checkpoint_every_minute():
+    assert parse_args(["--quick"]).checkpoint_every_min == 1.0 and parse_args([]).checkpoint_every_min == 5.0
+    assert parse_args(["--quick", "--checkpoint-every-min", "0.5"]).checkpoint_every_min == 0.5
+
+
 def test_out_that_is_a_file_or_cannot_be_created(tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")

@@ -155,6 +155,17 @@ def test_detach_routing_keeps_only_the_last_weighted_sum():
         assert torch.allclose(a, b)
 
 
+def test_reference_routing_of_huge_activations_gives_unit_vectors():
+    # |s| ~ 1e20 in fp32: the squash never forms |s|^2, forward or backward
+    gen = torch.Generator().manual_seed(3)
+    u = (1e19 * torch.rand(3, 9, 4, generator=gen)).requires_grad_()
+    weight = torch.rand(9, 3, 5, 4, generator=gen).requires_grad_()
+    v = reference.dynamic_routing(u, weight, 3)
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(3, 3), rtol=0, atol=1e-5)
+    du, dw = torch.autograd.grad(v.pow(2).sum(), (u, weight))
+    assert torch.isfinite(du).all() and torch.isfinite(dw).all()
+
+
 def test_iterations_must_be_positive():
     with pytest.raises(ValueError, match="iterations"):
         reference.dynamic_routing(torch.zeros(1, 2, 3), torch.zeros(2, 2, 2, 3), 0)
