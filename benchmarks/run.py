@@ -18,6 +18,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fastcaps.runio import progress_bar
+
 from . import e2e, harness, report, roofline
 
 FULL_BATCHES = tuple(2**p for p in range(14))  # 1 .. 8192
@@ -26,6 +28,9 @@ QUICK_BATCHES = (2, 8)  # no batch 1: its specialised torch.compile graph costs 
 FULL_TIMING = {"min_reps": 10, "max_reps": 1000, "target_s": (0.05, 0.5), "warmup_s": 0.05}
 QUICK_TIMING = {"min_reps": 3, "max_reps": 20, "target_s": (0.005, 0.05), "warmup_s": 0.0}
 TAIL_S = 10.0  # kept back from the budget for writing the results and the plot
+HERE = Path(__file__).resolve().parent
+# benchmarks/results of the checkout; an installed copy (fastcaps.benchmarks) writes to the current folder
+DEFAULT_OUT_DIR = HERE / "results" if (HERE.parent / "setup.py").is_file() else Path("benchmark-results")
 
 
 def _choices(allowed, convert=str):
@@ -73,8 +78,8 @@ def parse_args(argv=None):
                         help="CapsNet training-step batch (default: 128, 4 with --quick)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the CapsNet training-step benchmark")
     parser.add_argument("--no-roofline", action="store_true", help="skip measuring the device's rates")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="where <device>.json/.md/.png go (default: benchmarks/results)")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
+                        help=f"where <device>.json/.md/.png go (default: {DEFAULT_OUT_DIR})")
     args = parser.parse_args(argv)
     if args.kernels:  # read by every call of the op, the backward included
         os.environ["FASTCAPS_KERNELS"] = args.kernels
@@ -236,6 +241,7 @@ def sweep(args) -> dict:
     out_of_time = {"status": "skipped", "reason": f"time budget (--max-seconds {args.max_seconds:g}) exhausted"}
     inputs = _InputCache(device, shape)
     rows, e2e_rows = [], []
+    bar = progress_bar(len(jobs), "sweep", unit="job")  # shown on a terminal only
     for index, ((kind, key), block) in enumerate(zip(jobs, blocks)):
         left = sum(b is None for b in blocks[index:])  # measurements still to run share the budget
         if kind == "routing":
@@ -262,6 +268,8 @@ def sweep(args) -> dict:
             e2e_rows.append(row)
             what = f"CapsNet step {routing_name:5s} {e2e_precision:13s} B={args.e2e_batch}"
         harness.log(f"[{budget.elapsed():6.1f}s {index + 1:3d}/{len(jobs)}] {what} {_format_row(row)}")
+        bar.update()
+    bar.close()
     inputs.clear()
     result["rows"], result["e2e"] = rows, e2e_rows
     result["ratios"] = report.ratios(rows)

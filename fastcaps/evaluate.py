@@ -9,6 +9,7 @@ checkpoint, when there is one). The figures need matplotlib (`pip install fastca
 --no-figures writes the numbers only.
 """
 import argparse
+import io
 import json
 import sys
 import time
@@ -19,56 +20,41 @@ import torch
 
 from .data import load_mnist
 from .model import CapsNet, capsnet_loss
+# ConfigError, load_checkpoint and run_reporting_errors are imported from here by other modules too
+from .runio import (ConfigError, check_model_state, load_checkpoint, parse_device, prepare_out_dir, progress_bar,
+                    read_metrics, resolve_routing, run_reporting_errors, write_atomic)
 
 __all__ = ["predict", "load_model", "confusion_matrix", "perturbation_grid", "evaluate_checkpoint", "main"]
 
 PERTURBATIONS = torch.arange(-5, 6) * 0.05  # the paper's [-0.25, 0.25] in steps of 0.05; exactly 0 in the middle
 
 
-class ConfigError(ValueError):
-    """A bad option or input that the command line reports as an error, without a traceback."""
-
-
-def run_reporting_errors(prog: str, fn, *args) -> int:
-    """Run a command's body; a bad configuration or a missing file becomes `prog: error: ...`, exit 2."""
-    try:
-        fn(*args)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
 @torch.inference_mode()
 def predict(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-            bf16: bool = False):
+            bf16: bool = False, progress: str | None = None):
     """Predicted classes [N] and the test losses summed over the N images (float64 [3]: total,
-    margin, reconstruction). The decoder sees the predicted capsule, as at test time in the paper."""
+    margin, reconstruction). The decoder sees the predicted capsule, as at test time in the paper.
+    progress: the label of a progress bar over the images (shown on a terminal only)."""
     model.eval()
     predictions = torch.empty_like(labels)
     sums = torch.zeros(3, dtype=torch.float64, device=images.device)
-    for start in range(0, len(images), batch_size):
-        x, y = images[start:start + batch_size], labels[start:start + batch_size]
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
-            losses = capsnet_loss(out, x, y)
-        predictions[start:start + len(x)] = out.lengths.argmax(dim=1)
-        sums += torch.stack(losses).double() * len(x)
+    with progress_bar(len(images), progress, unit="img", disable=progress is None) as bar:
+        for start in range(0, len(images), batch_size):
+            x, y = images[start:start + batch_size], labels[start:start + batch_size]
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(x)
+                losses = capsnet_loss(out, x, y)
+            predictions[start:start + len(x)] = out.lengths.argmax(dim=1)
+            sums += torch.stack(losses).double() * len(x)
+            bar.update(len(x))
     return predictions, sums
 
 
-def load_checkpoint(path) -> dict:
-    """A checkpoint of `fastcaps train`, on the CPU (generator states must be CPU tensors; the
-    model and optimizer states are copied to their device when loaded)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_model(checkpoint: dict, routing: str, device) -> CapsNet:
-    """The CapsNet of a training checkpoint, with its number of routing iterations."""
+def load_model(checkpoint: dict, routing: str, device, path="checkpoint") -> CapsNet:
+    """The CapsNet of a training checkpoint (from load_checkpoint), with its number of routing
+    iterations; a CheckpointError if its tensors do not fit this CapsNet."""
     model = CapsNet(routing=routing, iterations=checkpoint["config"]["iterations"]).to(device)
+    check_model_state(checkpoint["model"], model, path)
     model.load_state_dict(checkpoint["model"])
     return model.eval()
 
@@ -110,6 +96,12 @@ def _figure_module():
     return Figure
 
 
+def _save_figure(fig, path):
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    write_atomic(path, buffer.getvalue())
+
+
 def save_reconstructions(path, images, reconstructions, labels, predictions):
     Figure = _figure_module()
     n = len(images)
@@ -124,7 +116,7 @@ def save_reconstructions(path, images, reconstructions, labels, predictions):
         axes[1, k].set_title(f"pred {int(predictions[k])}", fontsize=8)
     axes[0, 0].set_ylabel("input")
     axes[1, 0].set_ylabel("reconstruction")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _save_figure(fig, path)
 
 
 def save_perturbations(path, grids, titles):
@@ -146,12 +138,7 @@ def save_perturbations(path, grids, titles):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("perturbation")
         ax.set_ylabel("capsule dimension")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-
-
-def read_metrics(path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    _save_figure(fig, path)
 
 
 def save_training_curves(path, records):
@@ -171,7 +158,7 @@ def save_training_curves(path, records):
     for ax in (loss_ax, error_ax):
         ax.set(xlabel="epoch", yscale="log")
         ax.legend()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _save_figure(fig, path)
 
 
 def evaluate_checkpoint(checkpoint_path, out=None, device=None, routing=None, batch_size=200, bf16=False,
@@ -179,32 +166,36 @@ def evaluate_checkpoint(checkpoint_path, out=None, device=None, routing=None, ba
     """Everything `fastcaps evaluate` does; returns the summary written to evaluation.json."""
     if figures:
         _figure_module()  # fail before the evaluation, not after it
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    routing = routing or ("fused" if device.type == "cuda" else "eager")
+    device = parse_device(device)
+    routing, routing_note = resolve_routing(routing, device)
+    if routing_note:
+        print(f"note: {routing_note}")
     checkpoint_path = Path(checkpoint_path)
-    out = Path(out) if out is not None else checkpoint_path.parent / "eval"
     checkpoint = load_checkpoint(checkpoint_path)
-    model = load_model(checkpoint, routing, device)
+    # the output folder is checked before the evaluation, which can take minutes
+    out = prepare_out_dir(out if out is not None else checkpoint_path.parent / "eval")
+    model = load_model(checkpoint, routing, device, checkpoint_path)
     images, labels = load_mnist("test", device)
     if test_subset is not None:
         images, labels = images[:test_subset], labels[:test_subset]
     samples, perturb = min(samples, len(images)), min(perturb, len(images))
 
     start = time.perf_counter()
-    predictions, sums = predict(model, images, labels, batch_size, bf16)
+    predictions, sums = predict(model, images, labels, batch_size, bf16, progress="evaluating")
     matrix = confusion_matrix(labels, predictions)
     n = len(labels)
     correct = int(matrix.trace())
-    summary = {"checkpoint": str(checkpoint_path), "step": checkpoint["step"], "images": n,
+    summary = {"checkpoint": str(checkpoint_path), "step": checkpoint["step"], "routing": routing, "images": n,
                "test_acc": 100 * correct / n, "test_error": 100 * (n - correct) / n,
                "test_loss": float(sums[0]) / n, "test_margin": float(sums[1]) / n,
                "test_recon": float(sums[2]) / n, "eval_s": time.perf_counter() - start,
                "confusion_matrix": matrix.tolist()}
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "evaluation.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    np.savetxt(out / "confusion_matrix.csv", matrix.numpy(), fmt="%d", delimiter=",",
+    write_atomic(out / "evaluation.json", json.dumps(summary, indent=1) + "\n")
+    csv = io.StringIO()
+    np.savetxt(csv, matrix.numpy(), fmt="%d", delimiter=",",
                header="rows: true class 0-9, columns: predicted class 0-9")
+    write_atomic(out / "confusion_matrix.csv", csv.getvalue())
     print(f"test error {summary['test_error']:.2f}% ({n - correct} of {n} wrong), "
           f"accuracy {summary['test_acc']:.2f}%, loss {summary['test_loss']:.4f}")
     print("confusion matrix:\n" + format_confusion(matrix))
@@ -226,7 +217,8 @@ def _save_figures(out, model, images, labels, predictions, samples, perturb, met
     save_perturbations(out / "perturbation.png", grids,
                        [f"test image {k}: label {int(labels[k])}, pred {int(predictions[k])}" for k in range(perturb)])
     written = ["reconstructions.png", "perturbation.png"]
-    records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    warn = lambda message: print(f"warning: {message}", file=sys.stderr)  # noqa: E731
+    records = read_metrics(metrics_path, warn) if metrics_path.is_file() else []
     if any(r["kind"] == "epoch" for r in records):
         save_training_curves(out / "training_curves.png", records)
         written.append("training_curves.png")
@@ -259,13 +251,6 @@ def main(argv=None, prog=None) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.device is not None:
-        try:
-            torch.device(args.device)
-        except RuntimeError as err:
-            parser.error(f"--device: {err}")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            parser.error("--device cuda: no CUDA GPU is available")
     return run_reporting_errors(parser.prog, evaluate_checkpoint, args.checkpoint, args.out, args.device, args.routing,
                                 args.batch, args.bf16, args.test_subset, args.samples, args.perturb, args.figures)
 

@@ -47,8 +47,17 @@ class DigitCaps(nn.Module):
     def __init__(self, in_caps: int, in_dim: int, out_caps: int, out_dim: int, iterations: int = 3, *,
                  bias: bool = False, leaky: bool = False, detach_routing: bool = False):
         super().__init__()
-        if iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        # checked here, not at the first forward, where a float would fail deep inside the loop
+        sizes = {"in_caps": in_caps, "in_dim": in_dim, "out_caps": out_caps, "out_dim": out_dim,
+                 "iterations": iterations}
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name, flag in (("bias", bias), ("leaky", leaky), ("detach_routing", detach_routing)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         self.in_caps, self.in_dim, self.out_caps, self.out_dim = in_caps, in_dim, out_caps, out_dim
         self.iterations, self.leaky, self.detach_routing = iterations, leaky, detach_routing
         self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dim, in_dim))

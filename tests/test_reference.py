@@ -41,6 +41,52 @@ def test_squash_fp16_does_not_overflow():
     assert abs(v.float().norm().item() - 1.0) < 1e-3
 
 
+def _plain_squash(s):
+    norm = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
+    return s * (norm / (1 + norm * norm))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_squash_is_bitwise_the_plain_formula_where_that_does_not_overflow(dtype):
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 16, generator=gen, dtype=dtype) * torch.logspace(-6, 6, 64, dtype=dtype)[:, None]
+    assert torch.equal(fastcaps.squash(s), _plain_squash(s))
+
+
+@pytest.mark.parametrize("dtype, magnitude", [(torch.float32, 1e20), (torch.float32, 3e38),
+                                              (torch.float64, 1e200), (torch.float16, 6e4),
+                                              (torch.bfloat16, 3e38)])
+def test_squash_of_huge_vectors_has_norm_one(dtype, magnitude):
+    # |s|^2 overflows the dtype: the plain formula gives inf / inf = NaN
+    direction = torch.tensor([[0.6, -0.8, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    s = (direction * magnitude).to(dtype).requires_grad_()
+    v = fastcaps.squash(s)
+    assert v.dtype == dtype and torch.isfinite(v).all()
+    expected = direction / direction.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(v.double(), expected, rtol=1e-2 if dtype.itemsize == 2 else 1e-6, atol=0)
+    v.sum().backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_squash_of_tiny_vectors_is_finite_and_has_the_right_gradient():
+    s = torch.tensor([[1e-30, -2e-30], [1e-42, 0.0], [0.0, 0.0]], dtype=torch.float32, requires_grad=True)
+    v = fastcaps.squash(s)
+    assert torch.equal(v, torch.zeros_like(v))                           # |v| ~ |s|^2 underflows
+    v.sum().backward()
+    # the gradient of v = s |s| / (1 + |s|^2) is of the size of |s|: tiny, never NaN
+    assert torch.isfinite(s.grad).all() and s.grad.abs().max() <= 1e-29
+
+
+def test_squash_gradient_at_large_norms_matches_float64():
+    gen = torch.Generator().manual_seed(1)
+    s64 = (torch.randn(8, 16, generator=gen, dtype=torch.float64) * 1e18).requires_grad_()
+    s32 = s64.detach().float().requires_grad_()
+    g = torch.randn(8, 16, generator=gen, dtype=torch.float64)
+    (fastcaps.squash(s64) * g).sum().backward()
+    (fastcaps.squash(s32) * g.float()).sum().backward()
+    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-30)
+
+
 # ------------------------------------------------------------------ routing
 
 def test_one_iteration_is_the_uniform_average():
@@ -109,6 +155,17 @@ def test_detach_routing_keeps_only_the_last_weighted_sum():
         assert torch.allclose(a, b)
 
 
+def test_reference_routing_of_huge_activations_gives_unit_vectors():
+    # |s| ~ 1e20 in fp32: the squash never forms |s|^2, forward or backward
+    gen = torch.Generator().manual_seed(3)
+    u = (1e19 * torch.rand(3, 9, 4, generator=gen)).requires_grad_()
+    weight = torch.rand(9, 3, 5, 4, generator=gen).requires_grad_()
+    v = reference.dynamic_routing(u, weight, 3)
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(3, 3), rtol=0, atol=1e-5)
+    du, dw = torch.autograd.grad(v.pow(2).sum(), (u, weight))
+    assert torch.isfinite(du).all() and torch.isfinite(dw).all()
+
+
 def test_iterations_must_be_positive():
     with pytest.raises(ValueError, match="iterations"):
         reference.dynamic_routing(torch.zeros(1, 2, 3), torch.zeros(2, 2, 2, 3), 0)
@@ -137,6 +194,22 @@ def test_digit_caps_parameters():
     assert layer.weight.shape == (1152, 10, 16, 8) and layer.bias.shape == (10, 16)
     assert fastcaps.DigitCaps(1152, 8, 10, 16).bias is None
     assert sorted(fastcaps.DigitCaps(5, 2, 3, 4, bias=True).state_dict()) == ["bias", "weight"]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"iterations": 2.5}, TypeError, "iterations must be an int >= 1, got 2.5"),
+    ({"iterations": 0}, ValueError, "iterations must be an int >= 1, got 0"),
+    ({"iterations": True}, TypeError, "iterations must be an int"),
+    ({"in_caps": 0}, ValueError, "in_caps must be an int >= 1"),
+    ({"out_dim": 16.0}, TypeError, "out_dim must be an int >= 1"),
+    ({"leaky": "yes"}, TypeError, "leaky must be True or False"),
+    ({"detach_routing": 1}, TypeError, "detach_routing must be True or False"),
+    ({"bias": None}, TypeError, "bias must be True or False"),
+])
+def test_digit_caps_constructor_rejects_bad_options(kwargs, error, match):
+    options = {"in_caps": 5, "in_dim": 2, "out_caps": 3, "out_dim": 4} | kwargs
+    with pytest.raises(error, match=match):
+        fastcaps.DigitCaps(**options)
 
 
 def test_capsnet_parameter_count():
