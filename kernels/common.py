@@ -78,6 +78,11 @@ def program_target(device: torch.device, num_warps: int) -> int:
     return 4  # the interpreter runs one program at a time: few, larger programs
 
 
+# Most programs a reduction over i is split into per batch tile. The last program of a tile sums
+# the partials of every split serially (J x D numbers each, a round trip to L2 apiece): at batch 1
+# the FMA kernels split the 1152 capsules 1152 ways, and that serial sum is most of a pass.
+MAX_SPLITS = 64
+
 _SM_COUNT = {}
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import arrive, program_target, round_tf32, squash, squash_backward, state_dtype, tuned
+from .common import MAX_SPLITS, arrive, program_target, round_tf32, squash, squash_backward, state_dtype, tuned
 
 __all__ = ["routing_forward", "routing_backward"]
 
@@ -309,7 +309,8 @@ class _Config:
         # prefetch the next input capsule's W and u (async copies) while computing this one
         self.stages = tuned("stages", 2)
         self.n_tiles = triton.cdiv(batch, self.block_b)
-        splits = tuned("splits", triton.cdiv(program_target(u.device, self.num_warps), self.n_tiles))
+        splits = tuned("splits", min(MAX_SPLITS, triton.cdiv(program_target(u.device, self.num_warps),
+                                                          self.n_tiles)))
         self.i_per_split = triton.cdiv(in_caps, max(1, min(splits, in_caps)))
         self.n_splits = triton.cdiv(in_caps, self.i_per_split)
         # final sweep: slices of i x chunks of batch tiles; at most 8 chunks bound dW's partials

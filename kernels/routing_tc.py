@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import arrive, program_target, round_tf32, squash, squash_backward, state_dtype, tuned
+from .common import MAX_SPLITS, arrive, program_target, round_tf32, squash, squash_backward, state_dtype, tuned
 
 __all__ = ["routing_forward", "routing_backward", "PRECISIONS"]
 
@@ -491,7 +491,8 @@ class _Config:
         self.stages = tuned("tc_stages", 2)
         self.n_tiles = triton.cdiv(batch, self.block_b)
         n_chunks = triton.cdiv(in_caps, chunk)
-        splits = tuned("tc_splits", triton.cdiv(program_target(u.device, self.num_warps), self.n_tiles))
+        splits = tuned("tc_splits", min(MAX_SPLITS, triton.cdiv(program_target(u.device, self.num_warps),
+                                                             self.n_tiles)))
         self.chunks_per_split = triton.cdiv(n_chunks, max(1, min(splits, n_chunks)))
         self.n_splits = triton.cdiv(n_chunks, self.chunks_per_split)
         self.n_chunks = n_chunks

@@ -500,3 +500,16 @@ def test_cuda_graphs_reduce_overhead():
     expected.square().sum().backward()
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
     assert torch.allclose(graph_grad, layer.weight.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch", [1, 8, 128])
+def test_small_batches_bound_the_partials(batch, monkeypatch):
+    """On a GPU of 132 multiprocessors, the reduction over the 1152 capsules is split at most
+    MAX_SPLITS ways per batch tile: the last program of a tile sums the partials serially."""
+    from fastcaps.kernels import common, routing_fma, routing_tc
+    for module in (routing_fma, routing_tc):
+        monkeypatch.setattr(module, "program_target", lambda device, num_warps: 16 * 132 // num_warps)
+    u = torch.empty(batch, 1152, 8)
+    weight = torch.empty(1152, 10, 16, 8)
+    for config in (routing_fma._Config(u, weight), routing_tc._Config(u, weight, "tf32x3")):
+        assert 1 < config.n_splits <= common.MAX_SPLITS
