@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything a session lent a GPU should measure, in one call of under 9 minutes:
 #   1. the whole test suite on CUDA (every test, not only the gpu-marked ones), with a log;
-#   2. the routing sweep, A/B of the two kernel families (FASTCAPS_KERNELS=fma and tc), for fp32
-#      at matmul precision `highest` (with bf16 and the CapsNet step) and `high`, at batches
-#      1, 8, 32, 128, 512, 1024, 4096 and 8192;
+#   2. the routing sweep, A/B of the two kernel families (FASTCAPS_KERNELS=fma and tc) at batches
+#      1, 8, 32, 128, 512, 1024, 4096 and 8192: at matmul precision `highest` fp32 runs the fma
+#      kernels in both (exact products), so that A/B compares bf16 (FMA vs tensor cores) and
+#      checks that fp32 times agree; at `high` fp32 compares exact FMA products with tf32x3 ones;
 #   3. an A/B table per precision (python -m benchmarks.compare).
 # Results go to benchmarks/results/<device>-<family>-<precision>.{json,md,png} and
 # benchmarks/results/<device>-gpu-session.md; on the lent device machine, where $OUT is set, they
