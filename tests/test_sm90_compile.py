@@ -6,10 +6,13 @@ launchers make for a problem (scripts/inspect_kernels.py) and compiles each spec
 the Triton wheel's own ptxas. It fails on a compile error, on shared memory beyond an H100's
 227 KB per block, and on register spills (stack bytes) above the budget stated per kernel below.
 
-Which problems: CONFIGS (run in CI) covers every kernel of both families at the MNIST shape and
-at an odd shape, fp32 at every input_precision (exact fp32 always runs the fma kernels), fp16 and
-bf16, and the option flags (bias, leaky, detach_routing). FASTCAPS_COMPILE_ALL=1 adds every other
-(family, shape, dtype, precision) combination, fp64 included (slow: about 100 compilations).
+Which problems: CONFIGS (run in CI) covers every kernel of both families at an odd shape, fp32
+at every input_precision (exact fp32 always runs the fma kernels), fp16 and bf16, with the option
+flags (bias, leaky, detach_routing); and at the MNIST shape the largest specialisations: tc at
+tf32x3 and bf16, fma at fp32 and bf16. The MNIST-shape tc compilations dominate the time (about 2
+and 1 minutes on a quiet 2-core machine; tf32 at the MNIST shape, the same code as tf32x3 with
+one product instead of three, is left to the full set). FASTCAPS_COMPILE_ALL=1 adds every other
+(family, shape, dtype, precision) combination, fp64 included.
 """
 import concurrent.futures
 import itertools
@@ -51,7 +54,6 @@ FP64_SPILL_BUDGET = 32768  # fp64 is a correctness path, not a fast one: it may 
 # (family, shape, dtype, input_precision, options): the CI set
 CONFIGS = [
     ("tc", MNIST, "float32", "tf32x3", ()),
-    ("tc", MNIST, "float32", "tf32", ()),
     ("tc", MNIST, "bfloat16", "ieee", ()),
     ("tc", ODD, "float16", "ieee", ("bias", "leaky")),
     ("tc", ODD, "float32", "tf32x3", ("detach_routing",)),
