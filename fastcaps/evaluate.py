@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .data import load_mnist
-from .model import CapsNet, capsnet_loss
+from .model import LEGACY_ARCH, CapsNet, capsnet_loss
 
 __all__ = ["predict", "load_model", "confusion_matrix", "perturbation_grid", "evaluate_checkpoint", "main"]
 
@@ -67,8 +67,10 @@ def load_checkpoint(path) -> dict:
 
 
 def load_model(checkpoint: dict, routing: str, device) -> CapsNet:
-    """The CapsNet of a training checkpoint, with its number of routing iterations."""
-    model = CapsNet(routing=routing, iterations=checkpoint["config"]["iterations"]).to(device)
+    """The CapsNet of a training checkpoint, with its number of routing iterations and its
+    architecture (checkpoints of fastcaps 0.1 have none: theirs is LEGACY_ARCH)."""
+    config = checkpoint["config"]
+    model = CapsNet(routing=routing, iterations=config["iterations"], **config.get("arch", LEGACY_ARCH)).to(device)
     model.load_state_dict(checkpoint["model"])
     return model.eval()
 

@@ -1,11 +1,16 @@
 """Train the paper's MNIST CapsNet: `fastcaps train` / `python -m fastcaps.train`.
 
-The recipe of Sabour et al. (2017) and of the authors' code: batch 128, Adam with lr 1e-3
-decayed by 0.96 every 2000 steps (smoothly, lr = 1e-3 * 0.96^(step / 2000), floored at 1e-6:
-tf.train.exponential_decay without staircase, as in the authors' code), 3 routing iterations,
-margin loss + 0.0005 x the reconstruction SSE, training images shifted at random by up to 2
-pixels in each direction with zero padding, evaluation on the 10k MNIST test set after every
-epoch. --quick is a short run for a CPU (see QUICK).
+The recipe of Sabour et al. (2017) as the authors' code runs it (Sarasra/models,
+research/capsules; the model and its initialisation are in fastcaps/model.py): 300k steps at
+batch 128 (642 epochs, stopped at step 300000), Adam (eps 1e-8) with lr 1e-3 decayed by 0.96
+every 2000 steps (smoothly, lr = 1e-3 * 0.96^(step / 2000), floored at 1e-6:
+tf.train.exponential_decay without staircase), 3 routing iterations, the authors' loss
+(margin loss / 20 + 0.0005 x the reconstruction SSE, see capsnet_loss), training images
+shifted at random by up to 2 pixels in each direction with zero padding (the authors store all
+25 shifts of every image; a uniform random one per image and step is the same distribution),
+evaluation on the 10k MNIST test set after every epoch; the error of a run is that of its last
+evaluation. --quick is a short run for a CPU (see QUICK). --schedule end-low is a shorter
+variant (see build_parser).
 
 Under `torchrun --nproc_per_node N` the same command trains with DistributedDataParallel
 (NCCL on GPUs, gloo on CPUs). --batch is the global batch: every step, each process takes its
@@ -37,20 +42,21 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .data import load_mnist
 from .evaluate import ConfigError, load_checkpoint, predict, run_reporting_errors
-from .model import CapsNet, capsnet_loss
+from . import speed
+from .model import AUTHORS_ARCH, CapsNet, capsnet_loss
 
 __all__ = ["draw_shifts", "shift_images", "ExponentialDecay", "global_batch_slice", "build_parser",
            "parse_args", "train", "main", "QUICK", "FULL"]
 
 # Defaults of the options that --quick changes; an option given on the command line wins.
-FULL = {"epochs": 50, "max_steps": None, "batch": 128, "log_every": 50, "out": "runs/mnist"}
+FULL = {"epochs": 642, "max_steps": 300_000, "batch": 128, "log_every": 50, "out": "runs/mnist"}
 # Well inside 10 minutes on 2 CPU cores, the full 10k test evaluation included (~0.37 s a step,
 # ~50 s for the evaluation, on a quiet machine; up to ~2.5x that when the cores are shared):
 # batch 32 costs less per image than 128 on a CPU and gives 4x the updates in the same time.
 QUICK = {"epochs": 1, "max_steps": 300, "batch": 32, "log_every": 25, "out": "runs/quick"}
 # Options that change what is trained: a resumed run must keep them.
-RECIPE = ("batch", "lr", "lr_decay", "lr_decay_steps", "min_lr", "iterations", "max_shift", "seed",
-          "train_subset")
+RECIPE = ("batch", "lr", "lr_decay", "lr_decay_steps", "min_lr", "schedule", "final_lr", "iterations",
+          "max_shift", "seed", "train_subset")
 MILESTONES = (99.5, 99.7)  # test accuracies (%) whose first time is recorded
 
 
@@ -94,6 +100,17 @@ class ExponentialDecay:
         return max(self.rate ** (step / self.steps), self.min_factor)
 
 
+class DecayToFinal:
+    """LambdaLR factor of --schedule end-low: lr decays exponentially, smoothly, from lr0 at step 0
+    to final_lr at the last step: lr(step) = lr0 * (final_lr / lr0)^(step / total_steps)."""
+
+    def __init__(self, final_factor: float, total_steps: int):
+        self.final_factor, self.total_steps = final_factor, total_steps
+
+    def __call__(self, step: int) -> float:
+        return self.final_factor ** (min(step, self.total_steps) / self.total_steps)
+
+
 def global_batch_slice(epoch_step: int, batch: int, rank: int, world: int) -> slice:
     """The positions, in the epoch's permutation, of this process's share of step epoch_step's
     global batch: the processes take disjoint, contiguous, equal parts of it."""
@@ -118,13 +135,17 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser.add_argument("--lr-decay", type=float, default=0.96, help="decay factor per --lr-decay-steps (0.96)")
     parser.add_argument("--lr-decay-steps", type=int, default=2000, help="(default 2000)")
     parser.add_argument("--min-lr", type=float, default=1e-6, help="floor of the learning rate (default 1e-6)")
+    parser.add_argument("--schedule", choices=("authors", "end-low"), default="authors",
+                        help="authors: lr x --lr-decay every --lr-decay-steps (the recipe); end-low: a variant "
+                             "for short runs, lr decays exponentially to --final-lr at the last step "
+                             "(default authors)")
+    parser.add_argument("--final-lr", type=float, default=1e-5, help="last lr of --schedule end-low (1e-5)")
     parser.add_argument("--iterations", type=int, default=3, help="routing iterations (default 3)")
     parser.add_argument("--max-shift", type=int, default=2, help="random shift in pixels, 0 = none (default 2)")
     parser.add_argument("--routing", choices=("fused", "eager"),
                         help="fused Triton routing or the eager reference (default: fused on CUDA, eager elsewhere)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available); under torchrun each "
                                          "process uses cuda:LOCAL_RANK")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--seed", type=int, default=0, help="(default 0)")
     parser.add_argument("--out", help=f"output folder (default {FULL['out']}, with --quick {QUICK['out']})")
     parser.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
@@ -134,6 +155,7 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser.add_argument("--eval-batch", type=int, default=200, help="evaluation batch size (default 200)")
     parser.add_argument("--train-subset", type=int, help="train on the first N training images only")
     parser.add_argument("--test-subset", type=int, help="evaluate on the first N test images only")
+    speed.add_arguments(parser)
     return parser
 
 
@@ -153,6 +175,9 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
         parser.error(f"--max-shift must be >= 0, got {args.max_shift}")
     if not args.lr > 0 or not 0 < args.lr_decay <= 1 or not 0 <= args.min_lr <= args.lr:
         parser.error("need --lr > 0, 0 < --lr-decay <= 1 and 0 <= --min-lr <= --lr")
+    if not 0 < args.final_lr <= args.lr:
+        parser.error(f"need 0 < --final-lr <= --lr, got --final-lr {args.final_lr}")
+    speed.check_arguments(args, parser)
     return args
 
 
@@ -232,6 +257,9 @@ def _append_record(path: Path, record: dict):
 
 def _check_resume(checkpoint: dict, args, device):
     saved = checkpoint["config"]
+    if saved.get("arch") != AUTHORS_ARCH:
+        raise ConfigError("cannot resume: the checkpoint holds a model of fastcaps 0.1 (no bias on the digit "
+                          "capsules, unscaled primary capsules); `fastcaps evaluate` still reads it")
     changed = [f"--{k.replace('_', '-')} {saved[k]} (now {getattr(args, k)})" for k in RECIPE
                if saved[k] != getattr(args, k)]
     if changed:
@@ -264,8 +292,7 @@ def _train(args, rank, world, device) -> CapsNet:
     say = print if main_process else (lambda *a, **k: None)
     if args.batch % world:
         raise ConfigError(f"--batch {args.batch} must be divisible by the number of processes ({world})")
-    if args.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("--bf16: this GPU does not support bfloat16")
+    speed.resolve(args, device, ConfigError)
     routing = args.routing or ("fused" if device.type == "cuda" else "eager")
     out = Path(args.out)
     metrics_path, checkpoint_path = out / "metrics.jsonl", out / "last.pt"
@@ -290,10 +317,18 @@ def _train(args, rank, world, device) -> CapsNet:
     test_images, test_labels = test_images[rank::world], test_labels[rank::world]
 
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    model = CapsNet(routing=routing, iterations=args.iterations).to(device)
+    model = speed.apply_memory_format(CapsNet(routing=routing, iterations=args.iterations, **AUTHORS_ARCH).to(device),
+                                      args)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda" or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, ExponentialDecay(args.lr_decay, args.lr_decay_steps, args.min_lr / args.lr))
+    steps_per_epoch = len(images) // args.batch  # the last partial batch of an epoch is dropped
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    if args.schedule == "end-low":
+        decay = DecayToFinal(args.final_lr / args.lr, total_steps)
+    else:
+        decay = ExponentialDecay(args.lr_decay, args.lr_decay_steps, args.min_lr / args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     # separate generators: the data order and the shifts do not depend on anything else drawn
     order_gen = torch.Generator().manual_seed(args.seed)
     shift_gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -304,7 +339,11 @@ def _train(args, rank, world, device) -> CapsNet:
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        speed.match_optimizer_state(optimizer)
+        scheduler.load_state_dict(checkpoint["scheduler"])  # restores the decay's own fields too
+        if args.schedule == "end-low" and decay.total_steps != total_steps:
+            raise ConfigError(f"cannot resume: --schedule end-low decays over the {decay.total_steps} steps of the "
+                              f"run that wrote the checkpoint, not {total_steps}: pass its --epochs/--max-steps")
         step, epoch, epoch_step = checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]
         elapsed_before, epoch_train_s = checkpoint["elapsed_s"], checkpoint["epoch_train_s"]
         milestones = checkpoint["milestones"]
@@ -317,13 +356,9 @@ def _train(args, rank, world, device) -> CapsNet:
     net = model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = speed.compile_model(net, args)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes
-
-    steps_per_epoch = len(images) // args.batch  # the last partial batch of an epoch is dropped
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
     local = args.batch // world
     lo = rank * local
 
@@ -342,7 +377,7 @@ def _train(args, rank, world, device) -> CapsNet:
         (out / "config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
     say(f"training CapsNet ({routing} routing, {args.iterations} iterations) on {device} x {world}: "
         f"{len(images)} images, batch {args.batch}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}"
-        + (", bf16 autocast" if args.bf16 else ""), flush=True)
+        + f"; {speed.describe(args)}", flush=True)
     if step >= total_steps:
         say(f"nothing to do: the checkpoint is at step {step}")
         return model
@@ -359,7 +394,8 @@ def _train(args, rank, world, device) -> CapsNet:
             perm = torch.randperm(len(images), generator=order_gen).to(device)
         idx = perm[global_batch_slice(epoch_step, args.batch, rank, world)]
         shifts = draw_shifts(args.batch, args.max_shift, shift_gen)[lo:lo + local]
-        x, y = shift_images(images[idx], shifts, args.max_shift), labels[idx]
+        x, y = speed.to_memory_format(shift_images(images[idx], shifts, args.max_shift), args), labels[idx]
+        speed.mark_step(args)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             output = net(x, y)
             loss, margin, recon = capsnet_loss(output, x, y)
@@ -394,6 +430,10 @@ def _train(args, rank, world, device) -> CapsNet:
             window_start = now
 
         epoch_end = epoch_step == steps_per_epoch
+        if epoch_end and step < total_steps and (epoch + 1) % args.eval_every:
+            # no evaluation (--eval-every): the training sums run on into the next record
+            epoch, epoch_step, perm = epoch + 1, 0, None
+            continue
         if not (epoch_end or step == total_steps):
             continue
         _sync(device)
@@ -431,7 +471,8 @@ def _train(args, rank, world, device) -> CapsNet:
         if main_process:
             _append_record(metrics_path, record)
             _save_atomic({"config": {k: getattr(args, k) for k in RECIPE} | {"routing": routing,
-                                                                               "device_type": device.type},
+                                                                               "device_type": device.type,
+                                                                               "arch": AUTHORS_ARCH},
                           "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
                           "epoch_step": epoch_step, "elapsed_s": wall_s, "epoch_train_s": epoch_train_s,
