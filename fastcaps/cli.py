@@ -1,11 +1,12 @@
 """The `fastcaps` command: `fastcaps train ...` and `fastcaps evaluate CHECKPOINT ...`."""
 import sys
 
-from . import evaluate, train
+from . import evaluate, table1, train
 
 COMMANDS = {"train": (train.main, "train the MNIST CapsNet (the paper's recipe; --quick: a short CPU run)"),
-            "evaluate": (evaluate.main, "test error, confusion matrix and figures of a checkpoint")}
-USAGE = "usage: fastcaps {train,evaluate} [options]   (fastcaps COMMAND -h: its options)\n\n" + "\n".join(
+            "evaluate": (evaluate.main, "test error, confusion matrix and figures of a checkpoint"),
+            "table1": (table1.main, "the paper's Table 1: baseline CNN and CapsNet variants, mean +- std over seeds")}
+USAGE = "usage: fastcaps {train,evaluate,table1} [options]   (fastcaps COMMAND -h: its options)\n\n" + "\n".join(
     f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items())
 
 
