@@ -21,6 +21,8 @@ import argparse
 
 import torch
 
+from .evaluate import ConfigError
+
 __all__ = ["add_arguments", "check_arguments", "resolve", "apply_memory_format", "match_optimizer_state",
            "compile_model", "to_memory_format", "mark_step", "describe"]
 
@@ -85,6 +87,9 @@ def compile_model(net: torch.nn.Module, args: argparse.Namespace, backend: str =
     stay those of the uncompiled model."""
     if not args.compile:
         return net
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        # DDP's bucketed all-reduce splits the compiled graph: fullgraph cannot hold (and is untested)
+        raise ConfigError("--compile and --cuda-graphs are not supported under torchrun yet")
     return torch.compile(net, fullgraph=True, backend=backend, mode="reduce-overhead" if args.cuda_graphs else None)
 
 

@@ -40,12 +40,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from . import speed
 from .data import load_mnist
 from .evaluate import ConfigError, load_checkpoint, predict, run_reporting_errors
-from . import speed
 from .model import AUTHORS_ARCH, CapsNet, capsnet_loss
 
-__all__ = ["draw_shifts", "shift_images", "ExponentialDecay", "global_batch_slice", "build_parser",
+__all__ = ["draw_shifts", "shift_images", "ExponentialDecay", "DecayToFinal", "global_batch_slice", "build_parser",
            "parse_args", "train", "main", "QUICK", "FULL"]
 
 # Defaults of the options that --quick changes; an option given on the command line wins.

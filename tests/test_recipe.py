@@ -85,8 +85,10 @@ def test_end_low_schedule_reaches_the_final_lr_at_the_last_step(tmp_path):
 
 
 def test_eval_every_evaluates_every_n_epochs_and_at_the_end(tmp_path):
-    train(tiny_args(tmp_path, "--epochs", "5", "--eval-every", "2"))
+    train(tiny_args(tmp_path, "--train-subset", "8", "--epochs", "3", "--eval-every", "2"))  # 2 steps an epoch
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]
-    assert [(r["epoch"], r["step"]) for r in epochs] == [(2, 6), (4, 12), (5, 15)]
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 15
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(2, 4), (3, 6)]
+    progress = [r for r in records if r["kind"] == "progress"]            # every 2 steps
+    assert epochs[0]["train_loss"] == pytest.approx((progress[0]["train_loss"] + progress[1]["train_loss"]) / 2)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 6
