@@ -36,7 +36,7 @@ def main_recipe(root: Path) -> list:
     for folder in sorted((root / "main").glob("seed*")):
         epochs = [r for r in records(folder, "epoch")]
         if not epochs:
-            rows.append(f"| {folder.name} | failed | | | | |")
+            rows.append(f"| {folder.name} | failed | | | | | | |")
             continue
         final = epochs[-1]
         low = min(epochs, key=lambda r: r["test_error"])
@@ -47,10 +47,11 @@ def main_recipe(root: Path) -> list:
                 for t in ("99.5", "99.7")]
         rows.append(f"| {folder.name} | {final['test_error']:.2f} (epoch {final['epoch']}) | "
                     f"{low['test_error']:.2f} (epoch {low['epoch']}) | {when[0]} | {when[1]} | "
-                    f"{final['images_per_s']:,.0f} |")
+                    f"{final['images_per_s']:,.0f} | {statistics.median(r['eval_s'] for r in epochs):.2f} | "
+                    f"{final['wall_s']:.0f} |")
     lines = ["## Main recipe (--schedule end-low)", "",
              "| seed | test error % at the last epoch | best epoch's error % | time to 99.5% | time to 99.7% | "
-             "images/s (last epoch) |", "|---|---:|---:|---:|---:|---:|"] + rows
+             "images/s (last epoch) | evaluation s (median) | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|"] + rows
     if last:
         std = statistics.stdev(last) if len(last) > 1 else float("nan")
         lines += ["", f"Last epoch: mean {statistics.mean(last):.3f}% ± {std:.3f} (sample std, {len(last)} seeds); "
