@@ -6,16 +6,18 @@ how it is scheduled. Defaults depend on the device (resolve()):
 
 - channels_last: on for CUDA. cuDNN's tensor-core convolutions (TF32 or bf16) run on NHWC
   data; NCHW tensors get transposed around every convolution, and the two convolutions set
-  the pace of CapsNet training. Off on the CPU (no measured gain on oneDNN for this model).
+  the pace of CapsNet training. Off on the CPU (the reason is cuDNN's; oneDNN not measured).
 - bf16: off. The routing op then runs on bf16 capsules (fp32 accumulation), which can cost
   accuracy at the 0.25% level; it stays opt-in until measured (scripts/gpu_training.sh).
-- compile: off. Compiling the whole model takes about a minute on a GPU, which counts
-  against the time to 99.5% / 99.7%; opt-in until measured.
+- compile: off. The compilation (forward and backward of the whole model; its time on a GPU is
+  not measured yet) counts against the time to 99.5% / 99.7%; opt-in until measured.
 - cuda_graphs: off; CUDA only; implies compile (mode "reduce-overhead": the compiled forward
   and backward are replayed as CUDA graphs, which removes the launch overhead of the many
   small kernels; the optimizer step stays outside).
-- eval_every: 1 (every epoch). The evaluation of the 10k test images stalls training for about
-  a sixth of an epoch; --eval-every N evaluates every N epochs and at the end of the run.
+- eval_every: 1 (every epoch). The evaluation of the 10k test images (a forward pass, against
+  the forward and backward of 60k images in an epoch: an estimated 5-10% of the epoch's time;
+  metrics.jsonl records it as eval_s) stalls training; --eval-every N evaluates every N epochs
+  and at the end of the run.
 """
 import argparse
 
