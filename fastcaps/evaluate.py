@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from .data import load_mnist
-from .model import CapsNet, capsnet_loss
+from .model import AUTHORS_ARCH, LEGACY_ARCH, CapsNet, capsnet_loss
 # ConfigError, load_checkpoint and run_reporting_errors are imported from here by other modules too
-from .runio import (ConfigError, check_model_state, load_checkpoint, parse_device, prepare_out_dir, progress_bar,
-                    read_metrics, resolve_routing, run_reporting_errors, write_atomic)
+from .runio import (CheckpointError, ConfigError, check_model_state, load_checkpoint, parse_device, prepare_out_dir,
+                    progress_bar, read_metrics, resolve_routing, run_reporting_errors, write_atomic)
 
 __all__ = ["predict", "load_model", "confusion_matrix", "perturbation_grid", "evaluate_checkpoint", "main"]
 
@@ -52,8 +52,13 @@ def predict(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 
 def load_model(checkpoint: dict, routing: str, device, path="checkpoint") -> CapsNet:
     """The CapsNet of a training checkpoint (from load_checkpoint), with its number of routing
-    iterations; a CheckpointError if its tensors do not fit this CapsNet."""
-    model = CapsNet(routing=routing, iterations=checkpoint["config"]["iterations"]).to(device)
+    iterations and its architecture (checkpoints of fastcaps 0.1 have none: theirs is
+    LEGACY_ARCH); a CheckpointError if its tensors do not fit this CapsNet."""
+    config = checkpoint["config"]
+    arch = config.get("arch", LEGACY_ARCH)
+    if arch not in (AUTHORS_ARCH, LEGACY_ARCH):
+        raise CheckpointError(f"not a fastcaps checkpoint: {path} (damaged: unknown model architecture {arch!r})")
+    model = CapsNet(routing=routing, iterations=config["iterations"], **arch).to(device)
     check_model_state(checkpoint["model"], model, path)
     model.load_state_dict(checkpoint["model"])
     return model.eval()

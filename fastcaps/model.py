@@ -7,7 +7,8 @@ from torch import nn
 
 from .layers import Decoder, DigitCaps, PrimaryCaps
 
-__all__ = ["CapsNet", "CapsNetOutput", "margin_loss", "reconstruction_loss", "capsnet_loss"]
+__all__ = ["CapsNet", "CapsNetOutput", "margin_loss", "reconstruction_loss", "capsnet_loss", "AUTHORS_ARCH",
+           "LEGACY_ARCH"]
 
 
 class CapsNetOutput(NamedTuple):
@@ -16,11 +17,29 @@ class CapsNetOutput(NamedTuple):
     caps: torch.Tensor             # [B, classes, 16], the digit capsules v
 
 
+# The authors' CapsNet (Sarasra/models research/capsules); the keyword arguments of CapsNet that
+# make it, stored in checkpoints. Checkpoints without them are LEGACY_ARCH, the model of fastcaps
+# 0.1 (no bias on s, unscaled primary capsules), and load as such.
+AUTHORS_ARCH = {"bias": True, "primary_scale": 1 / 32}
+LEGACY_ARCH = {"bias": False, "primary_scale": 1.0}
+
+
+def _trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    # tf.truncated_normal_initializer: normal(0, std) redrawn outside 2 std
+    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
 class CapsNet(nn.Module):
-    """Sabour et al. (2017) MNIST CapsNet: 8,215,568 parameters with the decoder.
+    """Sabour et al. (2017) MNIST CapsNet: 8,215,728 parameters with the decoder.
 
     Conv1 256 x 9x9 stride 1 + ReLU -> PrimaryCaps 32 types of 8-D, 9x9 stride 2 (1152 capsules,
-    squashed) -> DigitCaps 10 x 16-D with `iterations` of dynamic routing -> decoder.
+    squashed, no ReLU) -> DigitCaps 10 x 16-D with `iterations` of dynamic routing -> decoder.
+
+    As the authors' code (see AUTHORS_ARCH and reset_parameters): a [10, 16] bias on s of the
+    digit capsules (bias=True), primary capsules squash(conv(x) / 32 + b) (primary_scale=1/32),
+    weights drawn from a normal truncated at 2 std (std 0.05 for conv1, 0.1 for the primary
+    caps kernel, the digit caps W and the decoder) and every bias set to 0.1.
+    bias=False, primary_scale=1 is the model of fastcaps 0.1 (LEGACY_ARCH).
 
     routing: "fused" (FusedDigitCaps, the Triton op; on a CPU without the interpreter it falls
     back to the reference with a warning) or "eager" (DigitCaps, the reference loop). Both have
@@ -31,7 +50,8 @@ class CapsNet(nn.Module):
     """
 
     def __init__(self, routing: str = "fused", iterations: int = 3, num_classes: int = 10, *,
-                 bias: bool = False, leaky: bool = False, detach_routing: bool = False):
+                 bias: bool = True, primary_scale: float = 1 / 32, leaky: bool = False,
+                 detach_routing: bool = False):
         super().__init__()
         if routing == "fused":
             from .routing import FusedDigitCaps as digit_caps_cls
@@ -41,10 +61,26 @@ class CapsNet(nn.Module):
             raise ValueError(f"routing must be 'fused' or 'eager', got {routing!r}")
         self.routing = routing
         self.conv1 = nn.Conv2d(1, 256, kernel_size=9, stride=1)
-        self.primary_caps = PrimaryCaps(256, caps_types=32, caps_dim=8, kernel_size=9, stride=2)
+        self.primary_caps = PrimaryCaps(256, caps_types=32, caps_dim=8, kernel_size=9, stride=2,
+                                        scale=primary_scale)
         self.digit_caps = digit_caps_cls(32 * 6 * 6, 8, num_classes, 16, iterations, bias=bias, leaky=leaky,
                                          detach_routing=detach_routing)
         self.decoder = Decoder(num_classes * 16, (1, 28, 28))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The authors' initialisation (variables.weight_variable / bias_variable, decoder stack)."""
+        for weight, std in ((self.conv1.weight, 0.05), (self.primary_caps.conv.weight, 0.1),
+                            (self.digit_caps.weight, 0.1)):
+            _trunc_normal_(weight, std)
+        for layer in self.decoder.net:
+            if isinstance(layer, nn.Linear):
+                _trunc_normal_(layer.weight, 0.1)
+                nn.init.constant_(layer.bias, 0.1)
+        for bias in (self.conv1.bias, self.primary_caps.conv.bias, self.digit_caps.bias):
+            if bias is not None:
+                nn.init.constant_(bias, 0.1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> CapsNetOutput:
         if x.dim() != 4 or x.shape[1:] != (1, 28, 28):
@@ -74,8 +110,19 @@ def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, scal
     return scale * sse.mean()
 
 
-def capsnet_loss(output: CapsNetOutput, images: torch.Tensor, labels: torch.Tensor):
-    """Total loss = margin + 0.0005 x SSE; returns (total, margin, reconstruction)."""
-    margin = margin_loss(output.lengths, labels)
-    recon = reconstruction_loss(output.reconstruction, images)
+def capsnet_loss(output: CapsNetOutput, images: torch.Tensor, labels: torch.Tensor, *,
+                 margin_weight: float | None = None, recon_weight: float = 0.0005):
+    """The authors' total loss, margin_weight x margin_loss + recon_weight x SSE; returns
+    (total, weighted margin, weighted reconstruction).
+
+    margin_weight defaults to 0.5 / classes (1/20 for MNIST): the authors' code halves the
+    paper's per-class cost and averages it over the classes instead of summing. With
+    reconstruction at 0.0005 x SSE that makes the reconstruction 20x stronger, relative to the
+    margin loss, than the paper's formula (margin_weight=1). recon_weight=0: no reconstruction
+    term (the decoder then gets no gradient).
+    """
+    if margin_weight is None:
+        margin_weight = 0.5 / output.lengths.shape[1]
+    margin = margin_weight * margin_loss(output.lengths, labels)
+    recon = reconstruction_loss(output.reconstruction, images, recon_weight)
     return margin + recon, margin, recon

@@ -1,11 +1,16 @@
 """Train the paper's MNIST CapsNet: `fastcaps train` / `python -m fastcaps.train`.
 
-The recipe of Sabour et al. (2017) and of the authors' code: batch 128, Adam with lr 1e-3
-decayed by 0.96 every 2000 steps (smoothly, lr = 1e-3 * 0.96^(step / 2000), floored at 1e-6:
-tf.train.exponential_decay without staircase, as in the authors' code), 3 routing iterations,
-margin loss + 0.0005 x the reconstruction SSE, training images shifted at random by up to 2
-pixels in each direction with zero padding, evaluation on the 10k MNIST test set after every
-epoch. --quick is a short run for a CPU (see QUICK).
+The recipe of Sabour et al. (2017) as the authors' code runs it (Sarasra/models,
+research/capsules; the model and its initialisation are in fastcaps/model.py): 300k steps at
+batch 128 (642 epochs, stopped at step 300000), Adam (eps 1e-8) with lr 1e-3 decayed by 0.96
+every 2000 steps (smoothly, lr = 1e-3 * 0.96^(step / 2000), floored at 1e-6:
+tf.train.exponential_decay without staircase), 3 routing iterations, the authors' loss
+(margin loss / 20 + 0.0005 x the reconstruction SSE, see capsnet_loss), training images
+shifted at random by up to 2 pixels in each direction with zero padding (the authors store all
+25 shifts of every image; a uniform random one per image and step is the same distribution),
+evaluation on the 10k MNIST test set after every epoch; the error of a run is that of its last
+evaluation. --quick is a short run for a CPU (see QUICK). --schedule end-low is a shorter
+variant (see build_parser).
 
 Under `torchrun --nproc_per_node N` the same command trains with DistributedDataParallel
 (NCCL on GPUs, gloo on CPUs). --batch is the global batch: every step, each process takes its
@@ -42,19 +47,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from . import speed
 from .data import load_mnist
 from .evaluate import predict
-from .model import CapsNet, capsnet_loss
+from .model import AUTHORS_ARCH, CapsNet, capsnet_loss
 from .runio import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, EXIT_FAILED, EXIT_INTERRUPTED, CheckpointError,
                     ConfigError, MetricsLog, RunLock, TrainingStopped, check_model_state, load_checkpoint,
                     parse_device, prepare_out_dir, progress_bar, read_metrics, require_tensorboard, resolve_routing,
                     run_reporting_errors, save_atomic, write_atomic)
 
-__all__ = ["draw_shifts", "shift_images", "ExponentialDecay", "global_batch_slice", "build_parser",
+__all__ = ["draw_shifts", "shift_images", "ExponentialDecay", "DecayToFinal", "global_batch_slice", "build_parser",
            "parse_args", "train", "main", "QUICK", "FULL"]
 
 # Defaults of the options that --quick changes; an option given on the command line wins.
-FULL = {"epochs": 50, "max_steps": None, "batch": 128, "log_every": 50, "out": "runs/mnist",
+FULL = {"epochs": 642, "max_steps": 300_000, "batch": 128, "log_every": 50, "out": "runs/mnist",
         "checkpoint_every_min": 5.0}
 # Well inside 10 minutes on 2 CPU cores, the full 10k test evaluation included (~0.37 s a step,
 # ~50 s for the evaluation, on a quiet machine; up to ~2.5x that when the cores are shared):
@@ -63,8 +69,8 @@ FULL = {"epochs": 50, "max_steps": None, "batch": 128, "log_every": 50, "out": "
 QUICK = {"epochs": 1, "max_steps": 300, "batch": 32, "log_every": 25, "out": "runs/quick",
          "checkpoint_every_min": 1.0}
 # Options that change what is trained: a resumed run must keep them.
-RECIPE = ("batch", "lr", "lr_decay", "lr_decay_steps", "min_lr", "iterations", "max_shift", "seed",
-          "train_subset")
+RECIPE = ("batch", "lr", "lr_decay", "lr_decay_steps", "min_lr", "schedule", "final_lr", "iterations",
+          "max_shift", "seed", "train_subset")
 MILESTONES = (99.5, 99.7)  # test accuracies (%) whose first time is recorded
 IMAGE_SIZE = 28
 CHECKPOINT_FILES = ("last.pt", "metrics.jsonl")  # either one means the folder holds a run
@@ -110,6 +116,17 @@ class ExponentialDecay:
         return max(self.rate ** (step / self.steps), self.min_factor)
 
 
+class DecayToFinal:
+    """LambdaLR factor of --schedule end-low: lr decays exponentially, smoothly, from lr0 at step 0
+    to final_lr at the last step: lr(step) = lr0 * (final_lr / lr0)^(step / total_steps)."""
+
+    def __init__(self, final_factor: float, total_steps: int):
+        self.final_factor, self.total_steps = final_factor, total_steps
+
+    def __call__(self, step: int) -> float:
+        return self.final_factor ** (min(step, self.total_steps) / self.total_steps)
+
+
 def global_batch_slice(epoch_step: int, batch: int, rank: int, world: int) -> slice:
     """The positions, in the epoch's permutation, of this process's share of step epoch_step's
     global batch: the processes take disjoint, contiguous, equal parts of it."""
@@ -134,13 +151,17 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser.add_argument("--lr-decay", type=float, default=0.96, help="decay factor per --lr-decay-steps (0.96)")
     parser.add_argument("--lr-decay-steps", type=int, default=2000, help="(default 2000)")
     parser.add_argument("--min-lr", type=float, default=1e-6, help="floor of the learning rate (default 1e-6)")
+    parser.add_argument("--schedule", choices=("authors", "end-low"), default="authors",
+                        help="authors: lr x --lr-decay every --lr-decay-steps (the recipe); end-low: a variant "
+                             "for short runs, lr decays exponentially to --final-lr at the last step "
+                             "(default authors)")
+    parser.add_argument("--final-lr", type=float, default=1e-5, help="last lr of --schedule end-low (1e-5)")
     parser.add_argument("--iterations", type=int, default=3, help="routing iterations (default 3)")
     parser.add_argument("--max-shift", type=int, default=2, help="random shift in pixels, 0 = none (default 2)")
     parser.add_argument("--routing", choices=("fused", "eager"),
                         help="fused Triton routing or the eager reference (default: fused on CUDA, eager elsewhere)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available); under torchrun each "
                                          "process uses cuda:LOCAL_RANK")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--seed", type=int, default=0, help="(default 0)")
     parser.add_argument("--out", help=f"output folder (default {FULL['out']}, with --quick {QUICK['out']})")
     parser.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
@@ -156,6 +177,7 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser.add_argument("--eval-batch", type=int, default=200, help="evaluation batch size (default 200)")
     parser.add_argument("--train-subset", type=int, help="train on the first N training images only")
     parser.add_argument("--test-subset", type=int, help="evaluate on the first N test images only")
+    speed.add_arguments(parser)
     return parser
 
 
@@ -178,8 +200,11 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     if not all(math.isfinite(v) for v in (args.lr, args.lr_decay, args.min_lr)) or not args.lr > 0 \
             or not 0 < args.lr_decay <= 1 or not 0 <= args.min_lr <= args.lr:
         parser.error("need finite --lr > 0, 0 < --lr-decay <= 1 and 0 <= --min-lr <= --lr")
+    if not 0 < args.final_lr <= args.lr:  # also false for nan
+        parser.error(f"need 0 < --final-lr <= --lr, got --final-lr {args.final_lr}")
     if not (math.isfinite(args.checkpoint_every_min) and args.checkpoint_every_min > 0):
         parser.error(f"--checkpoint-every-min must be > 0, got {args.checkpoint_every_min}")
+    speed.check_arguments(args, parser)
     return args
 
 
@@ -242,6 +267,9 @@ def _set_rng_state(state: dict, device):
 
 def _check_resume(checkpoint: dict, args, device):
     saved = checkpoint["config"]
+    if saved.get("arch") != AUTHORS_ARCH:
+        raise ConfigError("cannot resume: the checkpoint holds a model of fastcaps 0.1 (no bias on the digit "
+                          "capsules, unscaled primary capsules); `fastcaps evaluate` still reads it")
     changed = [f"--{k.replace('_', '-')} {saved[k]} (now {getattr(args, k)})" for k in RECIPE
                if saved[k] != getattr(args, k)]
     if changed:
@@ -308,8 +336,7 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
     say = _printer(main_process)
     if args.batch % world:
         raise ConfigError(f"--batch {args.batch} must be divisible by the number of processes ({world})")
-    if args.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("--bf16: this GPU does not support bfloat16")
+    speed.resolve(args, device, ConfigError)
     routing, routing_note = resolve_routing(args.routing, device)
     if routing_note:
         say(f"note: {routing_note}")
@@ -338,10 +365,18 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
     test_images, test_labels = test_images[rank::world], test_labels[rank::world]
 
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    model = CapsNet(routing=routing, iterations=args.iterations).to(device)
+    model = speed.apply_memory_format(CapsNet(routing=routing, iterations=args.iterations, **AUTHORS_ARCH).to(device),
+                                      args)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda" or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, ExponentialDecay(args.lr_decay, args.lr_decay_steps, args.min_lr / args.lr))
+    steps_per_epoch = len(images) // args.batch  # the last partial batch of an epoch is dropped
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    if args.schedule == "end-low":
+        decay = DecayToFinal(args.final_lr / args.lr, total_steps)
+    else:
+        decay = ExponentialDecay(args.lr_decay, args.lr_decay_steps, args.min_lr / args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     # separate generators: the data order and the shifts do not depend on anything else drawn
     order_gen = torch.Generator().manual_seed(args.seed)
     shift_gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -356,7 +391,8 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
         try:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
+            speed.match_optimizer_state(optimizer)
+            scheduler.load_state_dict(checkpoint["scheduler"])  # restores the decay's own fields too
             step, epoch, epoch_step = checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]
             elapsed_before, epoch_train_s = checkpoint["elapsed_s"], checkpoint["epoch_train_s"]
             milestones = checkpoint["milestones"]
@@ -370,17 +406,16 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
             raise CheckpointError(f"{resume_path}: damaged training state ({str(err).splitlines()[0][:200]})") \
                 from None
+        if args.schedule == "end-low" and decay.total_steps != total_steps:
+            raise ConfigError(f"cannot resume: --schedule end-low decays over the {decay.total_steps} steps of the "
+                              f"run that wrote the checkpoint, not {total_steps}: pass its --epochs/--max-steps")
         saved = (resume_path, step)
     net = model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = speed.compile_model(net, args)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes
-
-    steps_per_epoch = len(images) // args.batch  # the last partial batch of an epoch is dropped
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
     local = args.batch // world
     lo = rank * local
 
@@ -402,7 +437,7 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
                          purge_step=step + 1 if checkpoint is not None else None)
     say(f"training CapsNet ({routing} routing, {args.iterations} iterations) on {device} x {world}: "
         f"{len(images)} images, batch {args.batch}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}"
-        + (", bf16 autocast" if args.bf16 else ""))
+        + f"; {speed.describe(args)}")
     if step >= total_steps:
         say(f"nothing to do: the checkpoint is at step {step}")
         return model
@@ -414,7 +449,8 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
             raise _diverged("the weights", "not finite", step, saved, args)
         save_atomic({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                      "config": {k: getattr(args, k) for k in RECIPE} | {"routing": routing,
-                                                                         "device_type": device.type},
+                                                                         "device_type": device.type,
+                                                                         "arch": AUTHORS_ARCH},
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
                      "epoch_step": epoch_step, "elapsed_s": elapsed_before + time.perf_counter() - first_step,
@@ -458,7 +494,8 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
                 say.bar = bar
             idx = perm[global_batch_slice(epoch_step, args.batch, rank, world)]
             shifts = draw_shifts(args.batch, args.max_shift, shift_gen)[lo:lo + local]
-            x, y = shift_images(images[idx], shifts, args.max_shift), labels[idx]
+            x, y = speed.to_memory_format(shift_images(images[idx], shifts, args.max_shift), args), labels[idx]
+            speed.mark_step(args)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 output = net(x, y)
                 loss, margin, recon = capsnet_loss(output, x, y)
@@ -499,11 +536,21 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
                 window.zero_()
                 window_start, window_first_step = now, step + 1
                 if _checkpoint_due(last_checkpoint, args.checkpoint_every_min, world, device) \
-                        and epoch_step != steps_per_epoch and step != total_steps:  # else one follows now
+                        and epoch_step != steps_per_epoch and step != total_steps:
+                    # at an epoch's end the evaluation's checkpoint follows now (under --eval-every
+                    # one that evaluates nothing: the next --log-every step's)
                     mid_epoch_checkpoint()
                     last_checkpoint = time.perf_counter()
 
             epoch_end = epoch_step == steps_per_epoch
+            if epoch_end and step < total_steps and (epoch + 1) % args.eval_every:
+                # no evaluation (--eval-every): the training sums run on into the next record
+                epoch, epoch_step, perm = epoch + 1, 0, None
+                epoch_start_state = order_gen.get_state()  # what a checkpoint before the next step resumes from
+                if bar is not None:
+                    bar.close()
+                    bar = say.bar = None
+                continue
             if not (epoch_end or step == total_steps):
                 continue
             _sync(device)
