@@ -7,6 +7,10 @@ Figure 4: each of the 16 dimensions of the predicted digit capsule moved over [-
 in steps of 0.05, then decoded) and training_curves.png (from metrics.jsonl beside the
 checkpoint, when there is one). The figures need matplotlib (`pip install fastcaps[viz]`);
 --no-figures writes the numbers only.
+
+A checkpoint of `fastcaps train --dataset multimnist` is evaluated on the fixed MultiMNIST test
+pairs instead (fastcaps.multimnist.evaluate_checkpoint): the paper's error, the "at least one
+right" rate, evaluation.json and the Figure 5 picture multimnist.png.
 """
 import argparse
 import json
@@ -175,15 +179,23 @@ def save_training_curves(path, records):
 
 
 def evaluate_checkpoint(checkpoint_path, out=None, device=None, routing=None, batch_size=200, bf16=False,
-                        test_subset=None, samples=10, perturb=3, figures=True) -> dict:
-    """Everything `fastcaps evaluate` does; returns the summary written to evaluation.json."""
-    if figures:
-        _figure_module()  # fail before the evaluation, not after it
+                        test_subset=None, samples=10, perturb=3, figures=True, test_pairs=None) -> dict:
+    """Everything `fastcaps evaluate` does; returns the summary written to evaluation.json.
+    test_pairs: MultiMNIST test pairs per test digit (default: as in training)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     routing = routing or ("fused" if device.type == "cuda" else "eager")
     checkpoint_path = Path(checkpoint_path)
     out = Path(out) if out is not None else checkpoint_path.parent / "eval"
     checkpoint = load_checkpoint(checkpoint_path)
+    if checkpoint["config"].get("dataset") == "multimnist":
+        from . import multimnist
+        return multimnist.evaluate_checkpoint(checkpoint, checkpoint_path, out, device, routing, batch_size, bf16,
+                                              test_subset, test_pairs or checkpoint["config"]["test_pairs"],
+                                              samples, figures)
+    if test_pairs is not None:
+        raise ConfigError("--test-pairs: the checkpoint is an MNIST one; test pairs are for multimnist")
+    if figures:
+        _figure_module()  # fail before the evaluation, not after it
     model = load_model(checkpoint, routing, device)
     images, labels = load_mnist("test", device)
     if test_subset is not None:
@@ -245,6 +257,8 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=200, help="evaluation batch size (default 200)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--test-subset", type=int, help="only the first N test images")
+    parser.add_argument("--test-pairs", type=int,
+                        help="multimnist checkpoints: test pairs per test digit (default: as in training)")
     parser.add_argument("--samples", type=int, default=10, help="images in reconstructions.png (default 10)")
     parser.add_argument("--perturb", type=int, default=3, help="images in perturbation.png (default 3)")
     parser.add_argument("--no-figures", dest="figures", action="store_false",
@@ -255,7 +269,7 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
 def main(argv=None, prog=None) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    for name in ("batch", "test_subset", "samples", "perturb"):
+    for name in ("batch", "test_subset", "test_pairs", "samples", "perturb"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -267,7 +281,8 @@ def main(argv=None, prog=None) -> int:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA GPU is available")
     return run_reporting_errors(parser.prog, evaluate_checkpoint, args.checkpoint, args.out, args.device, args.routing,
-                                args.batch, args.bf16, args.test_subset, args.samples, args.perturb, args.figures)
+                                args.batch, args.bf16, args.test_subset, args.samples, args.perturb, args.figures,
+                                args.test_pairs)
 
 
 if __name__ == "__main__":
