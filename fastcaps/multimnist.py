@@ -38,7 +38,7 @@ from .data import load_mnist
 from .model import CapsNet, capsnet_loss
 
 __all__ = ["SIZE", "PAD", "MAX_SHIFT", "TEST_SEED", "Pairs", "PairIndex", "place_digits", "draw_shifts",
-           "PartnerSampler", "make_pairs", "test_pair_index", "pair_hits", "multimnist_loss", "MultiMNISTData",
+           "PartnerSampler", "make_pairs", "fixed_test_index", "pair_hits", "multimnist_loss", "MultiMNISTData",
            "evaluate_pairs", "evaluate_checkpoint", "save_figure"]
 
 PAD = 4                  # 28x28 -> 36x36
@@ -128,7 +128,7 @@ def make_pairs(images: torch.Tensor, labels: torch.Tensor, index: PairIndex, pad
     return Pairs(merged, singles, torch.stack([labels[index.base], labels[index.partner]], dim=1))
 
 
-def test_pair_index(labels: torch.Tensor, pairs_per_digit: int, max_shift: int = MAX_SHIFT,
+def fixed_test_index(labels: torch.Tensor, pairs_per_digit: int, max_shift: int = MAX_SHIFT,
                     seed: int = TEST_SEED) -> PairIndex:
     """The fixed test set: `pairs_per_digit` pairs with every digit of the split as the base
     (pairs k*K .. k*K+K-1 have base k), drawn on the CPU from `seed`, returned on the CPU."""
@@ -182,7 +182,7 @@ class MultiMNISTData:
         self.sampler = PartnerSampler(self.labels)
         base_gen = torch.Generator(device=self.images.device).manual_seed(seed)
         self.base_shift = draw_shifts(self.train_size, max_shift, base_gen)
-        index = test_pair_index(test_labels, test_pairs, max_shift)
+        index = fixed_test_index(test_labels, test_pairs, max_shift)
         self.test_size = len(index)
         self.test = (test_images, test_labels, index.select(slice(rank, None, world)).to(device))
 
@@ -239,7 +239,7 @@ def evaluate_checkpoint(checkpoint: dict, checkpoint_path: Path, out: Path, devi
     images, labels = load_mnist("test", device)
     if test_subset is not None:
         images, labels = images[:test_subset], labels[:test_subset]
-    index = test_pair_index(labels, test_pairs, config["max_shift"]).to(device)
+    index = fixed_test_index(labels, test_pairs, config["max_shift"]).to(device)
 
     start = time.perf_counter()
     sums, hits = evaluate_pairs(model, images, labels, index, batch_size, bf16)
