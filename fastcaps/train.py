@@ -155,7 +155,7 @@ def global_batch_slice(epoch_step: int, batch: int, rank: int, world: int) -> sl
 
 def build_parser(prog=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Train the MNIST CapsNet of Sabour et al. (2017). Multi-GPU: run the same "
+        prog=prog, description="Train the CapsNet of Sabour et al. (2017) on MNIST or MultiMNIST. Multi-GPU: run the same "
                                "command under `torchrun --nproc_per_node N`.")
     parser.add_argument("--dataset", choices=("mnist", "multimnist"), default="mnist",
                         help="mnist, or multimnist: pairs of overlapping digits, 36x36 (default mnist)")

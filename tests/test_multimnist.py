@@ -16,7 +16,7 @@ from fastcaps.data import load_mnist
 from fastcaps.evaluate import main as evaluate_main
 from fastcaps.model import CapsNetOutput
 from fastcaps.multimnist import (MAX_SHIFT, SIZE, MultiMNISTData, Pairs, PartnerSampler, draw_shifts,
-                                 make_pairs, multimnist_loss, pair_hits, place_digits, fixed_test_index)
+                                 fixed_test_index, make_pairs, multimnist_loss, pair_hits, place_digits)
 from fastcaps.train import parse_args, train
 
 TINY = ["--dataset", "multimnist", "--routing", "eager", "--device", "cpu", "--batch", "2", "--train-subset", "6",
@@ -175,15 +175,16 @@ def test_36x36_capsnet_has_3200_input_capsules_and_decodes_each_label():
 
 
 def test_a_tiny_run_learns_pairs(test_split):
-    # 40 Adam steps on 8 fixed pairs: right pairs (both labels the two longest capsules) go from
-    # chance (1/45) to most of them, i.e. loss, two-hot label and metric fit together
+    # 10 Adam steps on 6 fixed pairs (~1 s a step on 2 idle cores): from chance (a pair is right
+    # with probability 1/45, at least one digit with 17/45) to pairs right and every pair half
+    # right, i.e. the loss, the two-hot label and the metric fit together
     images, labels = test_split
-    pairs = make_pairs(images, labels, fixed_test_index(labels[:8], 1))
+    pairs = make_pairs(images, labels, fixed_test_index(labels[:6], 1))
     torch.manual_seed(0)
     model = CapsNet(routing="eager", input_size=36)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
-    for _ in range(40):
+    for _ in range(10):
         loss = multimnist_loss(model(pairs.images, pairs.labels), pairs)[0]
         optimizer.zero_grad()
         loss.backward()
@@ -191,8 +192,8 @@ def test_a_tiny_run_learns_pairs(test_split):
         losses.append(loss.item())
     with torch.no_grad():
         hits = pair_hits(model(pairs.images).lengths, pairs.labels)
-    assert losses[-1] < 0.5 * losses[0]
-    assert (hits == 2).sum() >= 6, hits
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert (hits >= 1).all() and (hits == 2).sum() >= 2, hits
 
 
 # ---------------------------------------------------------------------------- fused routing at I = 3200
