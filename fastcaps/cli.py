@@ -3,7 +3,8 @@ import sys
 
 from . import evaluate, train
 
-COMMANDS = {"train": (train.main, "train the CapsNet on MNIST or MultiMNIST (the paper's recipe; --quick: a short CPU run)"),
+COMMANDS = {"train": (train.main, "train the CapsNet on MNIST or MultiMNIST (the paper's recipe; --quick: a "
+                                   "short CPU run)"),
             "evaluate": (evaluate.main, "test error, confusion matrix and figures of a checkpoint")}
 USAGE = "usage: fastcaps {train,evaluate} [options]   (fastcaps COMMAND -h: its options)\n\n" + "\n".join(
     f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items())

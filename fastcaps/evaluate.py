@@ -248,7 +248,8 @@ def _save_figures(out, model, images, labels, predictions, samples, perturb, met
 
 
 def build_parser(prog=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Evaluate a CapsNet checkpoint on the MNIST (or fixed MultiMNIST) test set.")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Evaluate a CapsNet checkpoint on the MNIST (or the fixed MultiMNIST) test set.")
     parser.add_argument("checkpoint", help="a checkpoint written by `fastcaps train` (e.g. runs/mnist/last.pt)")
     parser.add_argument("--out", help="output folder (default: eval/ beside the checkpoint)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")

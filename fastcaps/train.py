@@ -155,8 +155,8 @@ def global_batch_slice(epoch_step: int, batch: int, rank: int, world: int) -> sl
 
 def build_parser(prog=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Train the CapsNet of Sabour et al. (2017) on MNIST or MultiMNIST. Multi-GPU: run the same "
-                               "command under `torchrun --nproc_per_node N`.")
+        prog=prog, description="Train the CapsNet of Sabour et al. (2017) on MNIST or MultiMNIST. Multi-GPU: "
+                               "run the same command under `torchrun --nproc_per_node N`.")
     parser.add_argument("--dataset", choices=("mnist", "multimnist"), default="mnist",
                         help="mnist, or multimnist: pairs of overlapping digits, 36x36 (default mnist)")
     parser.add_argument("--quick", action="store_true",
