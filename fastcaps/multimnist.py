@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import load_mnist
+from .evaluate import ConfigError, _figure_module
 from .model import CapsNet, capsnet_loss
 
 __all__ = ["SIZE", "PAD", "MAX_SHIFT", "TEST_SEED", "Pairs", "PairIndex", "place_digits", "draw_shifts",
@@ -107,7 +108,8 @@ class PartnerSampler:
         self.starts = self.counts.cumsum(0) - self.counts
         self.size = len(labels)
         if int((self.counts > 0).sum()) < 2:
-            raise ValueError("MultiMNIST needs digits of at least two classes")
+            raise ConfigError("MultiMNIST needs digits of at least two classes: --train-subset or --test-subset "
+                              "too small")
 
     def __call__(self, base_labels: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         """Partner indices [B] for base classes [B], given uniforms [B] in [0, 1) (float64)."""
@@ -283,7 +285,6 @@ def save_figure(path, model: CapsNet, images, labels, index: PairIndex):
     """The paper's Figure 5: each column an input pair (top) and, below, the reconstructions
     from the two longest capsules, the first in red and the second in green. Titles give the
     labels L and the capsules R used; a * marks pairs that are wrong."""
-    from .evaluate import _figure_module
     Figure = _figure_module()
     model.eval()
     pairs = make_pairs(images, labels, index)
