@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+import fastcaps.multimnist
 import fastcaps.routing
 from fastcaps import CapsNet
 from fastcaps.data import load_mnist
@@ -261,7 +262,7 @@ def test_multimnist_options():
             parse_args(bad)
 
 
-def test_train_resume_and_evaluate_multimnist(tmp_path, capsys):
+def test_train_resume_and_evaluate_multimnist(tmp_path, capsys, monkeypatch):
     straight = train(parse_args(TINY + ["--max-steps", "4", "--out", str(tmp_path / "a")]))
     train(parse_args(TINY + ["--max-steps", "2", "--out", str(tmp_path / "b")]))
     resumed = train(parse_args(TINY + ["--max-steps", "4", "--out", str(tmp_path / "b"), "--resume"]))
@@ -285,6 +286,13 @@ def test_train_resume_and_evaluate_multimnist(tmp_path, capsys):
     assert f"MultiMNIST test error {summary['test_error']:.2f}%" in capsys.readouterr().out
     if not figures:
         assert (out / "multimnist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # matplotlib is optional: without it the numbers are written and the figure is skipped, said so
+    monkeypatch.setattr(fastcaps.multimnist, "_have_matplotlib", lambda: False)
+    assert evaluate_main([str(tmp_path / "a" / "last.pt"), "--out", str(tmp_path / "bare"), "--device", "cpu",
+                          "--test-subset", "3", "--test-pairs", "1"]) == 0
+    assert "no figure: multimnist.png needs matplotlib" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "bare").iterdir()] == ["evaluation.json"]
+    assert json.loads((tmp_path / "bare" / "evaluation.json").read_text())["pairs"] == 3
 
 
 def _has_matplotlib():
