@@ -20,8 +20,8 @@ from fastcaps.multimnist import (MAX_SHIFT, SIZE, MultiMNISTData, Pairs, Partner
                                  fixed_test_index, make_pairs, multimnist_loss, pair_hits, place_digits)
 from fastcaps.train import parse_args, train
 
-TINY = ["--dataset", "multimnist", "--routing", "eager", "--device", "cpu", "--batch", "2", "--train-subset", "6",
-        "--test-subset", "3", "--test-pairs", "2", "--log-every", "1"]  # 3 steps per epoch, 6 test pairs
+TINY = ["--dataset", "multimnist", "--routing", "eager", "--device", "cpu", "--batch", "2", "--train-subset", "4",
+        "--test-subset", "3", "--test-pairs", "2", "--log-every", "1"]  # 2 steps per epoch, 6 test pairs
 
 
 @pytest.fixture(scope="module")
@@ -263,9 +263,9 @@ def test_multimnist_options():
 
 
 def test_train_resume_and_evaluate_multimnist(tmp_path, capsys, monkeypatch):
-    straight = train(parse_args(TINY + ["--max-steps", "4", "--out", str(tmp_path / "a")]))
-    train(parse_args(TINY + ["--max-steps", "2", "--out", str(tmp_path / "b")]))
-    resumed = train(parse_args(TINY + ["--max-steps", "4", "--out", str(tmp_path / "b"), "--resume"]))
+    straight = train(parse_args(TINY + ["--max-steps", "3", "--out", str(tmp_path / "a")]))
+    train(parse_args(TINY + ["--max-steps", "1", "--out", str(tmp_path / "b")]))            # stops inside epoch 1
+    resumed = train(parse_args(TINY + ["--max-steps", "3", "--out", str(tmp_path / "b"), "--resume"]))  # into epoch 2
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name                                   # the pair stream resumes exactly
     printed = capsys.readouterr().out
