@@ -5,7 +5,8 @@ import sys
 
 from . import __version__, evaluate, table1, train
 
-COMMANDS = {"train": (train.main, "train the MNIST CapsNet (the paper's recipe; --quick: a short CPU run)"),
+COMMANDS = {"train": (train.main, "train the CapsNet on MNIST or MultiMNIST (the paper's recipe; --quick: a "
+                                   "short CPU run)"),
             "evaluate": (evaluate.main, "test error, confusion matrix and figures of a checkpoint"),
             "table1": (table1.main, "the paper's Table 1: baseline CNN and CapsNet variants, mean +- std over seeds")}
 USAGE = f"usage: fastcaps [--version] {{{','.join(COMMANDS)}}} [options]   (fastcaps COMMAND -h: its options)\n\n" + \

@@ -13,7 +13,7 @@ __all__ = ["CapsNet", "CapsNetOutput", "margin_loss", "reconstruction_loss", "ca
 
 class CapsNetOutput(NamedTuple):
     lengths: torch.Tensor          # [B, classes], |v_j|: the class probabilities
-    reconstruction: torch.Tensor   # [B, 1, 28, 28]
+    reconstruction: torch.Tensor   # [B, 1, S, S]; [B, T, 1, S, S] for labels y of shape [B, T]
     caps: torch.Tensor             # [B, classes, 16], the digit capsules v
 
 
@@ -41,31 +41,39 @@ class CapsNet(nn.Module):
     caps kernel, the digit caps W and the decoder) and every bias set to 0.1.
     bias=False, primary_scale=1 is the model of fastcaps 0.1 (LEGACY_ARCH).
 
+    input_size: the side S of the square input images; the conv and PrimaryCaps sizes follow
+    from it (28: 6x6x32 = 1152 input capsules; 36, MultiMNIST: 10x10x32 = 3200), and the
+    decoder reconstructs S x S images.
+
     routing: "fused" (FusedDigitCaps, the Triton op; on a CPU without the interpreter it falls
     back to the reference with a warning) or "eager" (DigitCaps, the reference loop). Both have
     the same parameters and state_dict keys, so checkpoints move freely between them.
 
     forward(x, y=None): the decoder is fed the capsule of class y when labels are given
     (training) and of the predicted class otherwise (test); all other capsules are masked to 0.
+    Labels of shape [B, T] (T digits per image, MultiMNIST) run the decoder once per label.
     """
 
     def __init__(self, routing: str = "fused", iterations: int = 3, num_classes: int = 10, *,
                  bias: bool = True, primary_scale: float = 1 / 32, leaky: bool = False,
-                 detach_routing: bool = False):
+                 detach_routing: bool = False, input_size: int = 28):
         super().__init__()
+        if input_size < 17:
+            raise ValueError(f"input_size must be >= 17 (two 9x9 convolutions), got {input_size}")
+        grid = (input_size - 8 - 9) // 2 + 1  # conv1 9x9 stride 1, then PrimaryCaps 9x9 stride 2
         if routing == "fused":
             from .routing import FusedDigitCaps as digit_caps_cls
         elif routing == "eager":
             digit_caps_cls = DigitCaps
         else:
             raise ValueError(f"routing must be 'fused' or 'eager', got {routing!r}")
-        self.routing = routing
+        self.routing, self.input_size = routing, input_size
         self.conv1 = nn.Conv2d(1, 256, kernel_size=9, stride=1)
         self.primary_caps = PrimaryCaps(256, caps_types=32, caps_dim=8, kernel_size=9, stride=2,
                                         scale=primary_scale)
-        self.digit_caps = digit_caps_cls(32 * 6 * 6, 8, num_classes, 16, iterations, bias=bias, leaky=leaky,
+        self.digit_caps = digit_caps_cls(32 * grid * grid, 8, num_classes, 16, iterations, bias=bias, leaky=leaky,
                                          detach_routing=detach_routing)
-        self.decoder = Decoder(num_classes * 16, (1, 28, 28))
+        self.decoder = Decoder(num_classes * 16, (1, input_size, input_size))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -83,22 +91,30 @@ class CapsNet(nn.Module):
                 nn.init.constant_(bias, 0.1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> CapsNetOutput:
-        if x.dim() != 4 or x.shape[1:] != (1, 28, 28):
-            raise ValueError(f"CapsNet expects images of shape [B, 1, 28, 28], got {tuple(x.shape)}")
+        size = self.input_size
+        if x.dim() != 4 or x.shape[1:] != (1, size, size):
+            raise ValueError(f"CapsNet expects images of shape [B, 1, {size}, {size}], got {tuple(x.shape)}")
         u = self.primary_caps(F.relu(self.conv1(x)))
         caps = self.digit_caps(u)
         lengths = torch.linalg.vector_norm(caps.float(), dim=-1)
         target = y if y is not None else lengths.argmax(dim=1)
         mask = F.one_hot(target, caps.shape[1]).to(caps.dtype)
-        reconstruction = self.decoder(caps * mask.unsqueeze(-1))
+        if mask.dim() == 3:  # [B, T, classes]: one decoding per label, in one decoder batch
+            masked = caps.unsqueeze(1) * mask.unsqueeze(-1)                       # [B, T, classes, 16]
+            reconstruction = self.decoder(masked.flatten(0, 1)).unflatten(0, mask.shape[:2])
+        else:
+            reconstruction = self.decoder(caps * mask.unsqueeze(-1))
         return CapsNetOutput(lengths, reconstruction, caps)
 
 
 def margin_loss(lengths: torch.Tensor, labels: torch.Tensor, m_plus: float = 0.9, m_minus: float = 0.1,
                 lam: float = 0.5) -> torch.Tensor:
     """Margin loss, summed over classes, averaged over the batch:
-    L = T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2."""
+    L = T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2.
+    labels: [B] classes, or [B, T] for T digits per image (T_k = 1 for every class present)."""
     target = F.one_hot(labels, lengths.shape[1]).to(lengths.dtype)
+    if target.dim() == 3:
+        target = target.amax(dim=1)
     present = target * F.relu(m_plus - lengths) ** 2
     absent = lam * (1 - target) * F.relu(lengths - m_minus) ** 2
     return (present + absent).sum(dim=1).mean()
