@@ -75,7 +75,7 @@ FULL = {"epochs": 642, "max_steps": 300_000, "batch": 128, "log_every": 50, "out
 QUICK = {"epochs": 1, "max_steps": 300, "batch": 32, "log_every": 25, "out": "runs/quick",
          "checkpoint_every_min": 1.0, "max_shift": 2}
 # MultiMNIST (--dataset multimnist): the paper's 4-pixel shifts and 100 test pairs per test digit (1M);
-# its --quick (~2.5x the cost of an MNIST step) evaluates one pair for each of 2000 test digits.
+# its --quick (a step costs ~2.2x an MNIST one) evaluates one pair for each of 2000 test digits.
 FULL_MULTIMNIST = FULL | {"out": "runs/multimnist", "max_shift": multimnist.MAX_SHIFT, "test_pairs": 100}
 QUICK_MULTIMNIST = QUICK | {"max_steps": 150, "out": "runs/multimnist-quick", "max_shift": multimnist.MAX_SHIFT,
                             "test_pairs": 1, "test_subset": 2000}
@@ -228,7 +228,8 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=int, help=f"steps between progress lines (default {FULL['log_every']})")
     parser.add_argument("--eval-batch", type=int, default=200, help="evaluation batch size (default 200)")
     parser.add_argument("--train-subset", type=int, help="train on the first N training images only")
-    parser.add_argument("--test-subset", type=int, help="evaluate on the first N test images only")
+    parser.add_argument("--test-subset", type=int, help="evaluate on the first N test images (multimnist: "
+                                                                "test digits) only")
     parser.add_argument("--test-pairs", type=int, help="multimnist: test pairs per test digit (default 100, "
                                                        "with --quick 1)")
     speed.add_arguments(parser)
