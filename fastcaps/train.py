@@ -126,7 +126,7 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
         prog=prog, description="Train the MNIST CapsNet of Sabour et al. (2017). Multi-GPU: run the same "
                                "command under `torchrun --nproc_per_node N`.")
     parser.add_argument("--quick", action="store_true",
-                        help=f"short CPU run (~3 min on 2 idle cores, ~97%% test accuracy): {QUICK}")
+                        help=f"short CPU run (~3 min on 2 idle cores, ~96%% test accuracy): {QUICK}")
     parser.add_argument("--epochs", type=int, help=f"epochs (default {FULL['epochs']})")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
     parser.add_argument("--batch", type=int,
