@@ -193,7 +193,7 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=("mnist", "multimnist"), default="mnist",
                         help="mnist, or multimnist: pairs of overlapping digits, 36x36 (default mnist)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"short CPU run (~3 min on 2 idle cores, ~97%% test accuracy): {QUICK}")
+                        help=f"short CPU run (~3 min on 2 idle cores, ~96%% test accuracy): {QUICK}")
     parser.add_argument("--epochs", type=int, help=f"epochs (default {FULL['epochs']})")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
     parser.add_argument("--batch", type=int,
