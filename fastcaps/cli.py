@@ -3,11 +3,13 @@ import importlib.metadata
 import importlib.util
 import sys
 
-from . import __version__, evaluate, train
+from . import __version__, evaluate, table1, train
 
-COMMANDS = {"train": (train.main, "train the MNIST CapsNet (the paper's recipe; --quick: a short CPU run)"),
-            "evaluate": (evaluate.main, "test error, confusion matrix and figures of a checkpoint")}
-USAGE = "usage: fastcaps [--version] {train,evaluate} [options]   (fastcaps COMMAND -h: its options)\n\n" + \
+COMMANDS = {"train": (train.main, "train the CapsNet on MNIST or MultiMNIST (the paper's recipe; --quick: a "
+                                   "short CPU run)"),
+            "evaluate": (evaluate.main, "test error, confusion matrix and figures of a checkpoint"),
+            "table1": (table1.main, "the paper's Table 1: baseline CNN and CapsNet variants, mean +- std over seeds")}
+USAGE = f"usage: fastcaps [--version] {{{','.join(COMMANDS)}}} [options]   (fastcaps COMMAND -h: its options)\n\n" + \
     "\n".join(f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items())
 
 

@@ -7,6 +7,10 @@ Figure 4: each of the 16 dimensions of the predicted digit capsule moved over [-
 in steps of 0.05, then decoded) and training_curves.png (from metrics.jsonl beside the
 checkpoint, when there is one). The figures need matplotlib (`pip install fastcaps[viz]`);
 --no-figures writes the numbers only.
+
+A checkpoint of `fastcaps train --dataset multimnist` is evaluated on the fixed MultiMNIST test
+pairs instead (fastcaps.multimnist.evaluate_checkpoint): the paper's error, the "at least one
+right" rate, evaluation.json and the Figure 5 picture multimnist.png.
 """
 import argparse
 import io
@@ -19,10 +23,10 @@ import numpy as np
 import torch
 
 from .data import load_mnist
-from .model import CapsNet, capsnet_loss
+from .model import AUTHORS_ARCH, LEGACY_ARCH, CapsNet, capsnet_loss
 # ConfigError, load_checkpoint and run_reporting_errors are imported from here by other modules too
-from .runio import (ConfigError, check_model_state, load_checkpoint, parse_device, prepare_out_dir, progress_bar,
-                    read_metrics, resolve_routing, run_reporting_errors, write_atomic)
+from .runio import (CheckpointError, ConfigError, check_model_state, load_checkpoint, parse_device, prepare_out_dir,
+                    progress_bar, read_metrics, resolve_routing, run_reporting_errors, write_atomic)
 
 __all__ = ["predict", "load_model", "confusion_matrix", "perturbation_grid", "evaluate_checkpoint", "main"]
 
@@ -50,10 +54,16 @@ def predict(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return predictions, sums
 
 
-def load_model(checkpoint: dict, routing: str, device, path="checkpoint") -> CapsNet:
+def load_model(checkpoint: dict, routing: str, device, path="checkpoint", input_size: int = 28) -> CapsNet:
     """The CapsNet of a training checkpoint (from load_checkpoint), with its number of routing
-    iterations; a CheckpointError if its tensors do not fit this CapsNet."""
-    model = CapsNet(routing=routing, iterations=checkpoint["config"]["iterations"]).to(device)
+    iterations and its architecture (checkpoints of fastcaps 0.1 have none: theirs is
+    LEGACY_ARCH), for input_size x input_size images (MultiMNIST: 36); a CheckpointError if its
+    tensors do not fit this CapsNet."""
+    config = checkpoint["config"]
+    arch = config.get("arch", LEGACY_ARCH)
+    if arch not in (AUTHORS_ARCH, LEGACY_ARCH):
+        raise CheckpointError(f"not a fastcaps checkpoint: {path} (damaged: unknown model architecture {arch!r})")
+    model = CapsNet(routing=routing, iterations=config["iterations"], input_size=input_size, **arch).to(device)
     check_model_state(checkpoint["model"], model, path)
     model.load_state_dict(checkpoint["model"])
     return model.eval()
@@ -162,10 +172,9 @@ def save_training_curves(path, records):
 
 
 def evaluate_checkpoint(checkpoint_path, out=None, device=None, routing=None, batch_size=200, bf16=False,
-                        test_subset=None, samples=10, perturb=3, figures=True) -> dict:
-    """Everything `fastcaps evaluate` does; returns the summary written to evaluation.json."""
-    if figures:
-        _figure_module()  # fail before the evaluation, not after it
+                        test_subset=None, samples=10, perturb=3, figures=True, test_pairs=None) -> dict:
+    """Everything `fastcaps evaluate` does; returns the summary written to evaluation.json.
+    test_pairs: MultiMNIST test pairs per test digit (default: as in training)."""
     device = parse_device(device)
     routing, routing_note = resolve_routing(routing, device)
     if routing_note:
@@ -174,6 +183,15 @@ def evaluate_checkpoint(checkpoint_path, out=None, device=None, routing=None, ba
     checkpoint = load_checkpoint(checkpoint_path)
     # the output folder is checked before the evaluation, which can take minutes
     out = prepare_out_dir(out if out is not None else checkpoint_path.parent / "eval")
+    if checkpoint["config"].get("dataset", "mnist") == "multimnist":
+        from . import multimnist
+        return multimnist.evaluate_checkpoint(checkpoint, checkpoint_path, out, device, routing, batch_size, bf16,
+                                              test_subset, test_pairs or checkpoint["config"]["test_pairs"],
+                                              samples, figures)
+    if test_pairs is not None:
+        raise ConfigError("--test-pairs: the checkpoint is an MNIST one; test pairs are for multimnist")
+    if figures:
+        _figure_module()  # fail before the evaluation, not after it
     model = load_model(checkpoint, routing, device, checkpoint_path)
     images, labels = load_mnist("test", device)
     if test_subset is not None:
@@ -228,7 +246,8 @@ def _save_figures(out, model, images, labels, predictions, samples, perturb, met
 
 
 def build_parser(prog=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Evaluate a CapsNet checkpoint on the MNIST test set.")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Evaluate a CapsNet checkpoint on the MNIST (or the fixed MultiMNIST) test set.")
     parser.add_argument("checkpoint", help="a checkpoint written by `fastcaps train` (e.g. runs/mnist/last.pt)")
     parser.add_argument("--out", help="output folder (default: eval/ beside the checkpoint)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -237,6 +256,8 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=200, help="evaluation batch size (default 200)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--test-subset", type=int, help="only the first N test images")
+    parser.add_argument("--test-pairs", type=int,
+                        help="multimnist checkpoints: test pairs per test digit (default: as in training)")
     parser.add_argument("--samples", type=int, default=10, help="images in reconstructions.png (default 10)")
     parser.add_argument("--perturb", type=int, default=3, help="images in perturbation.png (default 3)")
     parser.add_argument("--no-figures", dest="figures", action="store_false",
@@ -247,12 +268,13 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
 def main(argv=None, prog=None) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    for name in ("batch", "test_subset", "samples", "perturb"):
+    for name in ("batch", "test_subset", "test_pairs", "samples", "perturb"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     return run_reporting_errors(parser.prog, evaluate_checkpoint, args.checkpoint, args.out, args.device, args.routing,
-                                args.batch, args.bf16, args.test_subset, args.samples, args.perturb, args.figures)
+                                args.batch, args.bf16, args.test_subset, args.samples, args.perturb, args.figures,
+                                args.test_pairs)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ the same constructor, parameters and state_dict keys as DigitCaps.
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import reference
@@ -18,15 +19,23 @@ class PrimaryCaps(nn.Module):
 
     Output [B, caps_types * H' * W', caps_dim], squashed. Capsule index = (type, y, x) in that
     order, and channel `type * caps_dim + atom` of the conv is atom `atom` of capsule `type`.
+
+    scale: the capsules are squash(scale * conv(x, weight) + bias). The authors' code builds this
+    layer as a capsule layer with one routing iteration from 1 input to 32 output types, whose
+    couplings are all softmax(0) = 1/32, so CapsNet passes scale=1/32: under Adam this is a 32x
+    smaller effective step on the kernel (not on the bias), which no rescaling of the init gives.
     """
 
-    def __init__(self, in_channels=256, caps_types=32, caps_dim=8, kernel_size=9, stride=2):
+    def __init__(self, in_channels=256, caps_types=32, caps_dim=8, kernel_size=9, stride=2, scale: float = 1.0):
         super().__init__()
-        self.caps_types, self.caps_dim = caps_types, caps_dim
+        self.caps_types, self.caps_dim, self.scale = caps_types, caps_dim, scale
         self.conv = nn.Conv2d(in_channels, caps_types * caps_dim, kernel_size, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv(x)  # [B, types * dim, H', W']
+        if self.scale == 1.0:
+            out = self.conv(x)  # [B, types * dim, H', W']
+        else:
+            out = F.conv2d(x, self.conv.weight, None, self.conv.stride) * self.scale + self.conv.bias[:, None, None]
         batch, _, height, width = out.shape
         out = out.view(batch, self.caps_types, self.caps_dim, height, width)
         out = out.permute(0, 1, 3, 4, 2).reshape(batch, self.caps_types * height * width, self.caps_dim)
@@ -37,8 +46,9 @@ class DigitCaps(nn.Module):
     """Fully connected capsule layer with dynamic routing (eager reference routing).
 
     weight: [in_caps, out_caps, out_dim, in_dim], one out_dim x in_dim matrix per (i, j),
-    initialised N(0, 0.01^2) (the paper is silent; 0.01 is what the authors' code and most
-    ports use). bias (only with bias=True): [out_caps, out_dim], initialised to 0.
+    initialised N(0, 0.01^2) (the paper is silent; 0.01 is what most PyTorch ports use; CapsNet
+    re-initialises it as the authors' code does). bias (only with bias=True): [out_caps, out_dim],
+    added to s on every iteration, initialised to 0 here (CapsNet: 0.1, as the authors).
     forward: u [B, in_caps, in_dim] -> v [B, out_caps, out_dim].
     """
 

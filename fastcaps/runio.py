@@ -247,6 +247,11 @@ def load_checkpoint(path) -> dict:
     if config["iterations"] < 1 or config["batch"] < 1 or not all(
             math.isfinite(config[k]) for k in ("lr", "lr_decay", "min_lr")):
         raise CheckpointError(f"{bad} (damaged: invalid config {config})")
+    # --dataset multimnist (absent: mnist) evaluates config["test_pairs"] pairs per test digit
+    dataset = config.get("dataset", "mnist")
+    if dataset not in ("mnist", "multimnist") or dataset == "multimnist" and not (
+            type(config.get("test_pairs")) is int and config["test_pairs"] >= 1):
+        raise CheckpointError(f"{bad} (damaged: invalid dataset {dataset!r} or test pairs in its config)")
     if min(checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]) < 0:
         raise CheckpointError(f"{bad} (damaged: negative step or epoch)")
     rng = checkpoint["rng"]

@@ -1,11 +1,21 @@
 """Train the paper's MNIST CapsNet: `fastcaps train` / `python -m fastcaps.train`.
 
-The recipe of Sabour et al. (2017) and of the authors' code: batch 128, Adam with lr 1e-3
-decayed by 0.96 every 2000 steps (smoothly, lr = 1e-3 * 0.96^(step / 2000), floored at 1e-6:
-tf.train.exponential_decay without staircase, as in the authors' code), 3 routing iterations,
-margin loss + 0.0005 x the reconstruction SSE, training images shifted at random by up to 2
-pixels in each direction with zero padding, evaluation on the 10k MNIST test set after every
-epoch. --quick is a short run for a CPU (see QUICK).
+The recipe of Sabour et al. (2017) as the authors' code runs it (Sarasra/models,
+research/capsules; the model and its initialisation are in fastcaps/model.py): 300k steps at
+batch 128 (642 epochs, stopped at step 300000), Adam (eps 1e-8) with lr 1e-3 decayed by 0.96
+every 2000 steps (smoothly, lr = 1e-3 * 0.96^(step / 2000), floored at 1e-6:
+tf.train.exponential_decay without staircase), 3 routing iterations, the authors' loss
+(margin loss / 20 + 0.0005 x the reconstruction SSE, see capsnet_loss), training images
+shifted at random by up to 2 pixels in each direction with zero padding (the authors store all
+25 shifts of every image; a uniform random one per image and step is the same distribution),
+evaluation on the 10k MNIST test set after every epoch; the error of a run is that of its last
+evaluation. --quick is a short run for a CPU (see QUICK). --schedule end-low is a shorter
+variant (see build_parser).
+
+--dataset multimnist trains the same recipe on MultiMNIST (fastcaps.multimnist: pairs of
+overlapping digits made on the device, 36x36 inputs, two reconstructions, an example right only
+when the two longest capsules are its two labels); an epoch takes every training digit once as
+the base of a pair, and the test set is a fixed set of --test-pairs pairs per test digit.
 
 Under `torchrun --nproc_per_node N` the same command trains with DistributedDataParallel
 (NCCL on GPUs, gloo on CPUs). --batch is the global batch: every step, each process takes its
@@ -42,29 +52,36 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from . import speed
 from .data import load_mnist
+from . import multimnist
 from .evaluate import predict
-from .model import CapsNet, capsnet_loss
+from .model import AUTHORS_ARCH, CapsNet, capsnet_loss
 from .runio import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, EXIT_FAILED, EXIT_INTERRUPTED, CheckpointError,
                     ConfigError, MetricsLog, RunLock, TrainingStopped, check_model_state, load_checkpoint,
                     parse_device, prepare_out_dir, progress_bar, read_metrics, require_tensorboard, resolve_routing,
                     run_reporting_errors, save_atomic, write_atomic)
 
-__all__ = ["draw_shifts", "shift_images", "ExponentialDecay", "global_batch_slice", "build_parser",
-           "parse_args", "train", "main", "QUICK", "FULL"]
+__all__ = ["draw_shifts", "shift_images", "MNISTData", "ExponentialDecay", "DecayToFinal", "global_batch_slice",
+           "build_parser", "parse_args", "train", "main", "QUICK", "FULL"]
 
 # Defaults of the options that --quick changes; an option given on the command line wins.
-FULL = {"epochs": 50, "max_steps": None, "batch": 128, "log_every": 50, "out": "runs/mnist",
-        "checkpoint_every_min": 5.0}
+FULL = {"epochs": 642, "max_steps": 300_000, "batch": 128, "log_every": 50, "out": "runs/mnist",
+        "checkpoint_every_min": 5.0, "max_shift": 2}
 # Well inside 10 minutes on 2 CPU cores, the full 10k test evaluation included (~0.37 s a step,
 # ~50 s for the evaluation, on a quiet machine; up to ~2.5x that when the cores are shared):
 # batch 32 costs less per image than 128 on a CPU and gives 4x the updates in the same time.
 # A checkpoint every minute: a crash of the ~3-minute run loses at most a minute of it.
 QUICK = {"epochs": 1, "max_steps": 300, "batch": 32, "log_every": 25, "out": "runs/quick",
-         "checkpoint_every_min": 1.0}
+         "checkpoint_every_min": 1.0, "max_shift": 2}
+# MultiMNIST (--dataset multimnist): the paper's 4-pixel shifts and 100 test pairs per test digit (1M);
+# its --quick (a step costs ~2.2x an MNIST one) evaluates one pair for each of 2000 test digits.
+FULL_MULTIMNIST = FULL | {"out": "runs/multimnist", "max_shift": multimnist.MAX_SHIFT, "test_pairs": 100}
+QUICK_MULTIMNIST = QUICK | {"max_steps": 150, "out": "runs/multimnist-quick", "max_shift": multimnist.MAX_SHIFT,
+                            "test_pairs": 1, "test_subset": 2000}
 # Options that change what is trained: a resumed run must keep them.
-RECIPE = ("batch", "lr", "lr_decay", "lr_decay_steps", "min_lr", "iterations", "max_shift", "seed",
-          "train_subset")
+RECIPE = ("dataset", "batch", "lr", "lr_decay", "lr_decay_steps", "min_lr", "schedule", "final_lr", "iterations",
+          "max_shift", "seed", "train_subset")
 MILESTONES = (99.5, 99.7)  # test accuracies (%) whose first time is recorded
 IMAGE_SIZE = 28
 CHECKPOINT_FILES = ("last.pt", "metrics.jsonl")  # either one means the folder holds a run
@@ -97,6 +114,44 @@ def shift_images(images: torch.Tensor, shifts: torch.Tensor, max_shift: int) -> 
     return padded.gather(2, index).view(n, c, h, w)
 
 
+class MNISTData:
+    """The MNIST data of a run, behind the interface that fastcaps.multimnist.MultiMNISTData
+    shares: batch(idx, generator, global_batch, lo) -> (inputs, labels, reconstruction targets)
+    for this process's share [lo, lo + len(idx)) of a global batch, with the random shifts drawn
+    for the whole global batch; correct(lengths, labels); evaluate(model, batch_size, bf16,
+    progress) -> float64 [loss, margin, recon, correct, images, *extra_metrics] summed over this
+    process's shard of the test set (progress: the label of a progress bar, or None)."""
+
+    input_size = 28
+    extra_metrics = ()
+
+    def __init__(self, device, max_shift: int, train_subset=None, test_subset=None, rank: int = 0, world: int = 1):
+        self.max_shift = max_shift
+        self.images, self.labels = load_mnist("train", device)
+        test_images, test_labels = load_mnist("test", device)
+        if train_subset is not None:
+            self.images, self.labels = self.images[:train_subset], self.labels[:train_subset]
+        if test_subset is not None:
+            test_images, test_labels = test_images[:test_subset], test_labels[:test_subset]
+        self.train_size, self.test_size = len(self.labels), len(test_labels)
+        # each process evaluates a disjoint shard of the test set; the counts are summed
+        self.test_images, self.test_labels = test_images[rank::world], test_labels[rank::world]
+
+    def batch(self, idx, generator, global_batch, lo):
+        shifts = draw_shifts(global_batch, self.max_shift, generator)[lo:lo + len(idx)]
+        x = shift_images(self.images[idx], shifts, self.max_shift)
+        return x, self.labels[idx], x
+
+    @staticmethod
+    def correct(lengths, labels):
+        return (lengths.argmax(dim=1) == labels).sum()
+
+    def evaluate(self, model, batch_size, bf16=False, progress=None):
+        predictions, sums = predict(model, self.test_images, self.test_labels, batch_size, bf16, progress)
+        count = torch.tensor(len(self.test_labels), dtype=torch.float64, device=sums.device)
+        return torch.cat([sums, torch.stack([(predictions == self.test_labels).sum().double(), count])])
+
+
 # ------------------------------------------------------------------------------ schedule, sharding
 
 class ExponentialDecay:
@@ -108,6 +163,17 @@ class ExponentialDecay:
 
     def __call__(self, step: int) -> float:
         return max(self.rate ** (step / self.steps), self.min_factor)
+
+
+class DecayToFinal:
+    """LambdaLR factor of --schedule end-low: lr decays exponentially, smoothly, from lr0 at step 0
+    to final_lr at the last step: lr(step) = lr0 * (final_lr / lr0)^(step / total_steps)."""
+
+    def __init__(self, final_factor: float, total_steps: int):
+        self.final_factor, self.total_steps = final_factor, total_steps
+
+    def __call__(self, step: int) -> float:
+        return self.final_factor ** (min(step, self.total_steps) / self.total_steps)
 
 
 def global_batch_slice(epoch_step: int, batch: int, rank: int, world: int) -> slice:
@@ -122,10 +188,12 @@ def global_batch_slice(epoch_step: int, batch: int, rank: int, world: int) -> sl
 
 def build_parser(prog=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Train the MNIST CapsNet of Sabour et al. (2017). Multi-GPU: run the same "
-                               "command under `torchrun --nproc_per_node N`.")
+        prog=prog, description="Train the CapsNet of Sabour et al. (2017) on MNIST or MultiMNIST. Multi-GPU: "
+                               "run the same command under `torchrun --nproc_per_node N`.")
+    parser.add_argument("--dataset", choices=("mnist", "multimnist"), default="mnist",
+                        help="mnist, or multimnist: pairs of overlapping digits, 36x36 (default mnist)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"short CPU run (~3 min on 2 idle cores, ~97%% test accuracy): {QUICK}")
+                        help=f"short CPU run (~3 min on 2 idle cores, ~96%% test accuracy): {QUICK}")
     parser.add_argument("--epochs", type=int, help=f"epochs (default {FULL['epochs']})")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
     parser.add_argument("--batch", type=int,
@@ -134,13 +202,18 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser.add_argument("--lr-decay", type=float, default=0.96, help="decay factor per --lr-decay-steps (0.96)")
     parser.add_argument("--lr-decay-steps", type=int, default=2000, help="(default 2000)")
     parser.add_argument("--min-lr", type=float, default=1e-6, help="floor of the learning rate (default 1e-6)")
+    parser.add_argument("--schedule", choices=("authors", "end-low"), default="authors",
+                        help="authors: lr x --lr-decay every --lr-decay-steps (the recipe); end-low: a variant "
+                             "for short runs, lr decays exponentially to --final-lr at the last step "
+                             "(default authors)")
+    parser.add_argument("--final-lr", type=float, default=1e-5, help="last lr of --schedule end-low (1e-5)")
     parser.add_argument("--iterations", type=int, default=3, help="routing iterations (default 3)")
-    parser.add_argument("--max-shift", type=int, default=2, help="random shift in pixels, 0 = none (default 2)")
+    parser.add_argument("--max-shift", type=int,
+                        help="random shift in pixels, 0 = none (default 2; multimnist: 4, at most 4)")
     parser.add_argument("--routing", choices=("fused", "eager"),
                         help="fused Triton routing or the eager reference (default: fused on CUDA, eager elsewhere)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available); under torchrun each "
                                          "process uses cuda:LOCAL_RANK")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--seed", type=int, default=0, help="(default 0)")
     parser.add_argument("--out", help=f"output folder (default {FULL['out']}, with --quick {QUICK['out']})")
     parser.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
@@ -155,31 +228,44 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=int, help=f"steps between progress lines (default {FULL['log_every']})")
     parser.add_argument("--eval-batch", type=int, default=200, help="evaluation batch size (default 200)")
     parser.add_argument("--train-subset", type=int, help="train on the first N training images only")
-    parser.add_argument("--test-subset", type=int, help="evaluate on the first N test images only")
+    parser.add_argument("--test-subset", type=int, help="evaluate on the first N test images (multimnist: "
+                                                                "test digits) only")
+    parser.add_argument("--test-pairs", type=int, help="multimnist: test pairs per test digit (default 100, "
+                                                       "with --quick 1)")
+    speed.add_arguments(parser)
     return parser
 
 
 def parse_args(argv=None, prog=None) -> argparse.Namespace:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    for name, value in (QUICK if args.quick else FULL).items():
+    presets = {"mnist": (FULL, QUICK), "multimnist": (FULL_MULTIMNIST, QUICK_MULTIMNIST)}[args.dataset]
+    for name, value in presets[args.quick].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     positive = ("epochs", "max_steps", "batch", "lr_decay_steps", "iterations", "log_every", "eval_batch",
-                "train_subset", "test_subset")
+                "train_subset", "test_subset", "test_pairs")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not 0 <= args.max_shift < IMAGE_SIZE:
         parser.error(f"--max-shift must be between 0 and {IMAGE_SIZE - 1} pixels, got {args.max_shift}")
+    if args.dataset == "multimnist" and args.max_shift > multimnist.PAD:
+        parser.error(f"--max-shift {args.max_shift}: multimnist shifts must lie within its {multimnist.PAD}-pixel "
+                     "padding (at most 4)")
+    if args.dataset == "mnist" and args.test_pairs is not None:
+        parser.error("--test-pairs is an option of --dataset multimnist")
     if not 0 <= args.seed < 2 ** 63:
         parser.error(f"--seed must be between 0 and 2^63 - 1, got {args.seed}")
     if not all(math.isfinite(v) for v in (args.lr, args.lr_decay, args.min_lr)) or not args.lr > 0 \
             or not 0 < args.lr_decay <= 1 or not 0 <= args.min_lr <= args.lr:
         parser.error("need finite --lr > 0, 0 < --lr-decay <= 1 and 0 <= --min-lr <= --lr")
+    if not 0 < args.final_lr <= args.lr:  # also false for nan
+        parser.error(f"need 0 < --final-lr <= --lr, got --final-lr {args.final_lr}")
     if not (math.isfinite(args.checkpoint_every_min) and args.checkpoint_every_min > 0):
         parser.error(f"--checkpoint-every-min must be > 0, got {args.checkpoint_every_min}")
+    speed.check_arguments(args, parser)
     return args
 
 
@@ -242,6 +328,10 @@ def _set_rng_state(state: dict, device):
 
 def _check_resume(checkpoint: dict, args, device):
     saved = checkpoint["config"]
+    if saved.get("arch") != AUTHORS_ARCH:
+        raise ConfigError("cannot resume: the checkpoint holds a model of fastcaps 0.1 (no bias on the digit "
+                          "capsules, unscaled primary capsules); `fastcaps evaluate` still reads it")
+    saved = {"dataset": "mnist"} | saved  # checkpoints from before --dataset are MNIST ones
     changed = [f"--{k.replace('_', '-')} {saved[k]} (now {getattr(args, k)})" for k in RECIPE
                if saved[k] != getattr(args, k)]
     if changed:
@@ -308,8 +398,7 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
     say = _printer(main_process)
     if args.batch % world:
         raise ConfigError(f"--batch {args.batch} must be divisible by the number of processes ({world})")
-    if args.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("--bf16: this GPU does not support bfloat16")
+    speed.resolve(args, device, ConfigError)
     routing, routing_note = resolve_routing(args.routing, device)
     if routing_note:
         say(f"note: {routing_note}")
@@ -326,22 +415,28 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
     if args.tensorboard:
         require_tensorboard()  # before the data are loaded, not after the first epoch
 
-    images, labels = load_mnist("train", device)
-    test_images, test_labels = load_mnist("test", device)
-    if args.train_subset is not None:
-        images, labels = images[:args.train_subset], labels[:args.train_subset]
-    if args.test_subset is not None:
-        test_images, test_labels = test_images[:args.test_subset], test_labels[:args.test_subset]
-    if len(images) < args.batch:
-        raise ConfigError(f"{len(images)} training images are fewer than one batch (--batch {args.batch})")
-    # each process evaluates a disjoint shard of the test set; the counts are summed
-    test_images, test_labels = test_images[rank::world], test_labels[rank::world]
+    if args.dataset == "multimnist":
+        data = multimnist.MultiMNISTData(device, args.seed, args.max_shift, args.train_subset, args.test_subset,
+                                         args.test_pairs, rank, world)
+    else:
+        data = MNISTData(device, args.max_shift, args.train_subset, args.test_subset, rank, world)
+    if data.train_size < args.batch:
+        raise ConfigError(f"{data.train_size} training images are fewer than one batch (--batch {args.batch})")
 
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    model = CapsNet(routing=routing, iterations=args.iterations).to(device)
+    model = speed.apply_memory_format(
+        CapsNet(routing=routing, iterations=args.iterations, input_size=data.input_size, **AUTHORS_ARCH).to(device),
+        args)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda" or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, ExponentialDecay(args.lr_decay, args.lr_decay_steps, args.min_lr / args.lr))
+    steps_per_epoch = data.train_size // args.batch  # the last partial batch of an epoch is dropped
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    if args.schedule == "end-low":
+        decay = DecayToFinal(args.final_lr / args.lr, total_steps)
+    else:
+        decay = ExponentialDecay(args.lr_decay, args.lr_decay_steps, args.min_lr / args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     # separate generators: the data order and the shifts do not depend on anything else drawn
     order_gen = torch.Generator().manual_seed(args.seed)
     shift_gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -356,7 +451,8 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
         try:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
+            speed.match_optimizer_state(optimizer)
+            scheduler.load_state_dict(checkpoint["scheduler"])  # restores the decay's own fields too
             step, epoch, epoch_step = checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]
             elapsed_before, epoch_train_s = checkpoint["elapsed_s"], checkpoint["epoch_train_s"]
             milestones = checkpoint["milestones"]
@@ -370,17 +466,16 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
             raise CheckpointError(f"{resume_path}: damaged training state ({str(err).splitlines()[0][:200]})") \
                 from None
+        if args.schedule == "end-low" and decay.total_steps != total_steps:
+            raise ConfigError(f"cannot resume: --schedule end-low decays over the {decay.total_steps} steps of the "
+                              f"run that wrote the checkpoint, not {total_steps}: pass its --epochs/--max-steps")
         saved = (resume_path, step)
     net = model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = speed.compile_model(net, args)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes
-
-    steps_per_epoch = len(images) // args.batch  # the last partial batch of an epoch is dropped
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
     local = args.batch // world
     lo = rank * local
 
@@ -395,14 +490,15 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
             write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         config = vars(args) | {"routing": routing, "routing_requested": args.routing, "device": str(device),
                                "world_size": world, "steps_per_epoch": steps_per_epoch,
-                               "total_steps": total_steps, "train_images": len(images),
-                               "torch": torch.__version__, "python": platform.python_version()}
+                               "total_steps": total_steps, "train_images": data.train_size,
+                               "test_images": data.test_size, "torch": torch.__version__,
+                               "python": platform.python_version()}
         write_atomic(out / "config.json", json.dumps(config, indent=1) + "\n")
         log = MetricsLog(metrics_path, out / "tensorboard" if args.tensorboard else None,
                          purge_step=step + 1 if checkpoint is not None else None)
-    say(f"training CapsNet ({routing} routing, {args.iterations} iterations) on {device} x {world}: "
-        f"{len(images)} images, batch {args.batch}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}"
-        + (", bf16 autocast" if args.bf16 else ""))
+    say(f"training CapsNet ({routing} routing, {args.iterations} iterations) on {device} x {world}: {args.dataset}, "
+        f"{data.train_size} images, batch {args.batch}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}"
+        f"; {speed.describe(args)}")
     if step >= total_steps:
         say(f"nothing to do: the checkpoint is at step {step}")
         return model
@@ -414,7 +510,9 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
             raise _diverged("the weights", "not finite", step, saved, args)
         save_atomic({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                      "config": {k: getattr(args, k) for k in RECIPE} | {"routing": routing,
-                                                                         "device_type": device.type},
+                                                                         "device_type": device.type,
+                                                                         "arch": AUTHORS_ARCH,
+                                                                         "test_pairs": args.test_pairs},
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
                      "epoch_step": epoch_step, "elapsed_s": elapsed_before + time.perf_counter() - first_step,
@@ -451,23 +549,24 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
                 raise TrainingStopped(f"interrupted at step {step}: {_resume_hint(saved)}", EXIT_INTERRUPTED)
             if perm is None:
                 epoch_start_state = order_gen.get_state()
-                perm = torch.randperm(len(images), generator=order_gen).to(device)
+                perm = torch.randperm(data.train_size, generator=order_gen).to(device)
             if bar is None and main_process:
                 bar = progress_bar(min(steps_per_epoch, total_steps - step + epoch_step),
                                    f"epoch {epoch + 1}/{args.epochs}", initial=epoch_step, unit="step")
                 say.bar = bar
             idx = perm[global_batch_slice(epoch_step, args.batch, rank, world)]
-            shifts = draw_shifts(args.batch, args.max_shift, shift_gen)[lo:lo + local]
-            x, y = shift_images(images[idx], shifts, args.max_shift), labels[idx]
+            x, y, targets = data.batch(idx, shift_gen, args.batch, lo)
+            x = speed.to_memory_format(x, args)
+            speed.mark_step(args)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 output = net(x, y)
-                loss, margin, recon = capsnet_loss(output, x, y)
+                loss, margin, recon = capsnet_loss(output, targets, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             # accumulated on the device: reading them is a host sync, done every --log-every steps
-            correct = (output.lengths.argmax(dim=1) == y).sum()
+            correct = data.correct(output.lengths, y)
             stats = torch.cat([torch.stack([loss, margin, recon]).detach().double() * local,
                                torch.stack([correct.double(), local_count])])
             epoch_sums += stats
@@ -499,11 +598,21 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
                 window.zero_()
                 window_start, window_first_step = now, step + 1
                 if _checkpoint_due(last_checkpoint, args.checkpoint_every_min, world, device) \
-                        and epoch_step != steps_per_epoch and step != total_steps:  # else one follows now
+                        and epoch_step != steps_per_epoch and step != total_steps:
+                    # at an epoch's end the evaluation's checkpoint follows now (under --eval-every
+                    # one that evaluates nothing: the next --log-every step's)
                     mid_epoch_checkpoint()
                     last_checkpoint = time.perf_counter()
 
             epoch_end = epoch_step == steps_per_epoch
+            if epoch_end and step < total_steps and (epoch + 1) % args.eval_every:
+                # no evaluation (--eval-every): the training sums run on into the next record
+                epoch, epoch_step, perm = epoch + 1, 0, None
+                epoch_start_state = order_gen.get_state()  # what a checkpoint before the next step resumes from
+                if bar is not None:
+                    bar.close()
+                    bar = say.bar = None
+                continue
             if not (epoch_end or step == total_steps):
                 continue
             _sync(device)
@@ -515,12 +624,9 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
                 bar.close()
                 bar = say.bar = None
             eval_start = time.perf_counter()
-            predictions, test_sums = predict(model, test_images, test_labels, args.eval_batch, args.bf16,
-                                             progress="evaluating" if main_process else None)
-            test_count = torch.tensor(len(test_labels), dtype=torch.float64, device=device)
-            test_stats = torch.cat([test_sums, torch.stack([(predictions == test_labels).sum().double(),
-                                                            test_count])])
-            test_loss, test_margin, test_recon, test_correct, test_n = _all_sum(test_stats, world).tolist()
+            test_stats = data.evaluate(model, args.eval_batch, args.bf16,
+                                       progress="evaluating" if main_process else None)
+            test_loss, test_margin, test_recon, test_correct, test_n, *extra = _all_sum(test_stats, world).tolist()
             net.train()
             now = time.perf_counter()
             wall_s = elapsed_before + now - first_step
@@ -536,12 +642,14 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
                       "test_recon": test_recon / test_n, "test_acc": test_acc, "test_error": 100 - test_acc,
                       "test_images": int(test_n), "wall_s": wall_s, "eval_s": now - eval_start,
                       "images_per_s": count / epoch_train_s, "milestones": dict(milestones)}
+            record |= {name: 100 * value / test_n for name, value in zip(data.extra_metrics, extra)}
             # the train numbers are means over the whole epoch; the progress lines' over their last steps
             latest = (f"; last {last_progress['steps']} steps {last_progress['train_acc']:.2f}%"
                       if last_progress is not None and last_progress["epoch"] == epoch + 1 else "")
             say(f"epoch {epoch + 1}{' (partial)' if not epoch_end else ''} step {step}: "
                 f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}% (epoch mean{latest}) | "
-                f"test loss {record['test_loss']:.4f} acc {test_acc:.2f}% (error {record['test_error']:.2f}%) | "
+                f"test loss {record['test_loss']:.4f} acc {test_acc:.2f}% (error {record['test_error']:.2f}%"
+                + "".join(f", {name} {record[name]:.2f}%" for name in data.extra_metrics) + ") | "
                 f"{record['images_per_s']:.0f} img/s, eval {_fmt_time(record['eval_s'])}, "
                 f"wall {_fmt_time(wall_s)}")
             if epoch_end:
@@ -563,8 +671,10 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
         if log is not None:
             log.close()
 
-    say(f"final test accuracy {record['test_acc']:.2f}% (error {record['test_error']:.2f}%) on "
-        f"{record['test_images']} test images after {step} steps ({record['epochs_done']:.2f} epochs), "
+    say(f"final test accuracy {record['test_acc']:.2f}% (error {record['test_error']:.2f}%"
+        + "".join(f", {name} {record[name]:.2f}%" for name in data.extra_metrics) + ") on "
+        f"{record['test_images']} test {'pairs' if args.dataset == 'multimnist' else 'images'} after {step} steps"
+        f" ({record['epochs_done']:.2f} epochs), "
         f"wall {_fmt_time(record['wall_s'])} since the first step")
     reached = [f">= {t}% first at {_fmt_time(hit['wall_s'])} (epoch {hit['epoch']}, step {hit['step']})"
                for t in MILESTONES if (hit := milestones.get(str(t)))]

@@ -331,6 +331,36 @@ def test_time_checkpoints_and_a_stop_request_resume_bitwise(tmp_path, monkeypatc
         assert torch.equal(a, b), name
 
 
+def test_a_stop_request_after_an_epoch_without_evaluation_resumes_bitwise(tmp_path, monkeypatch):
+    # --eval-every 2: epoch 1 ends at step 3 without an evaluation; a stop seen before step 4
+    # saves a checkpoint at the start of epoch 2, which must resume with epoch 2's data order
+    straight = train(tiny_args(tmp_path / "a", "--max-steps", "4", "--eval-every", "2"))
+    saved = []
+    real_save = fastcaps.train.save_atomic
+    monkeypatch.setattr(fastcaps.train, "save_atomic", lambda obj, path: (saved.append(obj["step"]),
+                                                                          real_save(obj, path)))
+
+    class StopBeforeStep4(fastcaps.train._StopRequest):
+        checks = 0
+
+        @property
+        def requested(self):
+            StopBeforeStep4.checks += 1
+            return StopBeforeStep4.checks > 3
+
+        @requested.setter
+        def requested(self, value):
+            pass
+    monkeypatch.setattr(fastcaps.train, "_StopRequest", StopBeforeStep4)
+    with pytest.raises(TrainingStopped, match="interrupted at step 3"):
+        train(tiny_args(tmp_path / "b", "--max-steps", "4", "--eval-every", "2"))
+    assert saved == [3]
+    monkeypatch.undo()
+    resumed = train(tiny_args(tmp_path / "b", "--max-steps", "4", "--eval-every", "2", "--resume"))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     child = subprocess.Popen([sys.executable, "-m", "fastcaps", "train", *TINY, "--max-steps", "60",
@@ -413,7 +443,8 @@ def test_progress_bars_on_a_terminal_only(tmp_path):
     os.close(leader)
     assert child.wait(timeout=120) == 0
     text = b"".join(chunks).decode(errors="replace")
-    assert "epoch 1/50" in text and "\r" in text and ("step/s" in text or "s/step" in text), text[-2000:]
+    assert f"epoch 1/{fastcaps.train.FULL['epochs']}" in text and "\r" in text \
+        and ("step/s" in text or "s/step" in text), text[-2000:]
     assert "evaluating" in text
 
 

@@ -215,8 +215,8 @@ def test_digit_caps_constructor_rejects_bad_options(kwargs, error, match):
 def test_capsnet_parameter_count():
     count = sum(p.numel() for p in fastcaps.CapsNet(routing="eager").parameters())
     print(f"CapsNet parameters: {count:,}")
-    # conv1 20,992 + primary caps 5,308,672 + digit caps 1,474,560 + decoder 1,411,344
-    assert count == 20_992 + 5_308_672 + 1_474_560 + 1_411_344 == 8_215_568
+    # conv1 20,992 + primary caps 5,308,672 + digit caps 1,474,560 + its bias 160 + decoder 1,411,344
+    assert count == 20_992 + 5_308_672 + 1_474_560 + 160 + 1_411_344 == 8_215_728
 
 
 def test_decoder_sees_only_the_chosen_capsule():
@@ -257,7 +257,10 @@ def test_capsnet_loss_adds_the_two():
     out = net(x, y)
     total, margin, recon = fastcaps.capsnet_loss(out, x, y)
     assert torch.allclose(total, margin + recon)
-    assert torch.allclose(margin, fastcaps.margin_loss(out.lengths, y))
+    assert torch.allclose(margin, fastcaps.margin_loss(out.lengths, y) / 20)   # the authors' weighting
+    assert torch.allclose(recon, fastcaps.reconstruction_loss(out.reconstruction, x))
+    _, margin1, recon0 = fastcaps.capsnet_loss(out, x, y, margin_weight=1, recon_weight=0)
+    assert torch.allclose(margin1, fastcaps.margin_loss(out.lengths, y)) and recon0 == 0
 
 
 def test_capsnet_rejects_wrong_image_shape():

@@ -92,7 +92,8 @@ def test_quick_preset_and_explicit_options():
     assert (quick.batch, quick.out) == (32, "runs/quick") and quick.max_steps is not None
     assert parse_args(["--quick", "--batch", "16"]).batch == 16        # the command line wins
     full = parse_args([])
-    assert (full.batch, full.lr, full.iterations, full.max_shift, full.max_steps) == (128, 1e-3, 3, 2, None)
+    assert (full.batch, full.lr, full.iterations, full.max_shift, full.max_steps) == (128, 1e-3, 3, 2, 300_000)
+    assert (full.schedule, full.lr_decay, full.lr_decay_steps, full.min_lr) == ("authors", 0.96, 2000, 1e-6)
     for bad in (["--batch", "0"], ["--epochs", "-1"], ["--lr", "0"], ["--max-shift", "-1"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
@@ -147,8 +148,9 @@ def test_first_step_is_adam_on_margin_plus_reconstruction_of_the_shifted_batch(t
     x, y = shift_images(images[idx], shifts, 2), labels[idx]
     out = expected(x, y)
     target = torch.nn.functional.one_hot(y, 10).float()
-    margin = (target * (0.9 - out.lengths).clamp(min=0) ** 2
-              + 0.5 * (1 - target) * (out.lengths - 0.1).clamp(min=0) ** 2).sum(1).mean()
+    # the authors' margin loss: halved and averaged over the classes, as well as over the batch
+    margin = (0.5 * target * (0.9 - out.lengths).clamp(min=0) ** 2
+              + 0.25 * (1 - target) * (out.lengths - 0.1).clamp(min=0) ** 2).mean()
     decoder_input = (out.caps * target[:, :, None]).flatten(1)            # the true class only
     recon = 0.0005 * ((expected.decoder.net(decoder_input).view(-1, 1, 28, 28) - x) ** 2).sum((1, 2, 3)).mean()
     optimizer = torch.optim.Adam(expected.parameters(), lr=1e-3)
