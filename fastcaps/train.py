@@ -398,8 +398,10 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
                                "total_steps": total_steps, "train_images": len(images),
                                "torch": torch.__version__, "python": platform.python_version()}
         write_atomic(out / "config.json", json.dumps(config, indent=1) + "\n")
+        # TensorBoard drops older events from this step on: those a resumed run repeats, or, for a
+        # run started over with --overwrite, all of the old run's
         log = MetricsLog(metrics_path, out / "tensorboard" if args.tensorboard else None,
-                         purge_step=step + 1 if checkpoint is not None else None)
+                         purge_step=step + 1 if checkpoint is not None else 0)
     say(f"training CapsNet ({routing} routing, {args.iterations} iterations) on {device} x {world}: "
         f"{len(images)} images, batch {args.batch}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}"
         + (", bf16 autocast" if args.bf16 else ""))

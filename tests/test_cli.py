@@ -457,8 +457,9 @@ def test_tensorboard_gets_every_number_of_metrics_jsonl(tmp_path, monkeypatch):
 def test_tensorboard_event_files_hold_the_metrics(tmp_path):
     pytest.importorskip("tensorboard")  # the optional extra: skipped where it is not installed
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    train(tiny_args(tmp_path, "--max-steps", "2", "--tensorboard"))
-    train(tiny_args(tmp_path, "--max-steps", "4", "--tensorboard", "--resume"))
+    train(tiny_args(tmp_path, "--max-steps", "1", "--lr", "2e-3", "--tensorboard"))
+    train(tiny_args(tmp_path, "--max-steps", "2", "--tensorboard", "--overwrite"))   # the old run's events go
+    train(tiny_args(tmp_path, "--max-steps", "4", "--tensorboard", "--resume"))     # steps 1-2 are not repeated
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     records = read_metrics(tmp_path / "metrics.jsonl")
