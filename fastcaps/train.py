@@ -494,8 +494,10 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
                                "test_images": data.test_size, "torch": torch.__version__,
                                "python": platform.python_version()}
         write_atomic(out / "config.json", json.dumps(config, indent=1) + "\n")
+        # TensorBoard drops older events from this step on: those a resumed run repeats, or, for a
+        # run started over with --overwrite, all of the old run's
         log = MetricsLog(metrics_path, out / "tensorboard" if args.tensorboard else None,
-                         purge_step=step + 1 if checkpoint is not None else None)
+                         purge_step=step + 1 if checkpoint is not None else 0)
     say(f"training CapsNet ({routing} routing, {args.iterations} iterations) on {device} x {world}: {args.dataset}, "
         f"{data.train_size} images, batch {args.batch}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}"
         f"; {speed.describe(args)}")
@@ -507,7 +509,7 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
         """last.pt for --resume; first makes sure that nothing non-finite is saved."""
         nonlocal saved
         if not _parameters_finite(model):
-            raise _diverged("the weights", "not finite", step, saved, args)
+            raise _diverged("the weights are no longer finite", step, saved, args)
         save_atomic({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                      "config": {k: getattr(args, k) for k in RECIPE} | {"routing": routing,
                                                                          "device_type": device.type,
@@ -579,7 +581,7 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
             if step % args.log_every == 0:
                 loss_sum, margin_sum, recon_sum, correct_sum, count = _all_sum(window, world).tolist()
                 if not math.isfinite(loss_sum):
-                    raise _diverged("the training loss", f"{loss_sum / count} over steps {window_first_step}-{step}",
+                    raise _diverged(f"the training loss is {loss_sum / count} over steps {window_first_step}-{step}",
                                     step, saved, args)
                 now = time.perf_counter()
                 progress = {"kind": "progress", "epoch": epoch + 1, "epochs_done": step / steps_per_epoch,
@@ -602,7 +604,8 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
                     # at an epoch's end the evaluation's checkpoint follows now (under --eval-every
                     # one that evaluates nothing: the next --log-every step's)
                     mid_epoch_checkpoint()
-                    last_checkpoint = time.perf_counter()
+                    # the next window's images/s and the next interval start after the write
+                    window_start = last_checkpoint = time.perf_counter()
 
             epoch_end = epoch_step == steps_per_epoch
             if epoch_end and step < total_steps and (epoch + 1) % args.eval_every:
@@ -619,7 +622,7 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
             epoch_train_s += time.perf_counter() - epoch_start
             loss_sum, margin_sum, recon_sum, correct_sum, count = _all_sum(epoch_sums, world).tolist()
             if not math.isfinite(loss_sum):
-                raise _diverged("the training loss", f"{loss_sum / count} in epoch {epoch + 1}", step, saved, args)
+                raise _diverged(f"the training loss is {loss_sum / count} in epoch {epoch + 1}", step, saved, args)
             if bar is not None:
                 bar.close()
                 bar = say.bar = None
@@ -689,8 +692,9 @@ def _printer(enabled: bool):
     def say(message: str):
         if not enabled:
             return
-        if say.bar is not None:
-            say.bar.write(message)
+        if say.bar is not None and not say.bar.disable:
+            say.bar.write(message)  # above the bar
+            sys.stdout.flush()
         else:
             print(message, flush=True)
     say.bar = None
@@ -724,13 +728,13 @@ def _resume_hint(saved) -> str:
     return f"the last checkpoint is {path} (step {step}); continue with the same command and --resume"
 
 
-def _diverged(what: str, value: str, step: int, saved, args) -> TrainingStopped:
+def _diverged(problem: str, step: int, saved, args) -> TrainingStopped:
     if saved is None:
         kept = "no checkpoint was written"
     else:
         kept = f"the last good checkpoint is {saved[0]} (step {saved[1]}), unchanged"
     hint = "a lower --lr" + (" or no --bf16" if args.bf16 else "")
-    return TrainingStopped(f"error: training stopped at step {step}: {what} is {value} (not finite); {kept}. "
+    return TrainingStopped(f"error: training stopped at step {step}: {problem}; {kept}. "
                            f"Try {hint}", EXIT_FAILED)
 
 

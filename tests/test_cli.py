@@ -297,7 +297,7 @@ def test_a_loss_that_is_no_longer_finite_stops_the_run_and_keeps_the_last_good_c
     monkeypatch.setattr(fastcaps.train, "capsnet_loss", nan_loss)
     code, _, err = run_cli(["train", *TINY, "--out", str(folder), "--max-steps", "6", "--resume"], capsys)
     line = one_line_error(err, "fastcaps train")
-    assert code == 1 and "training stopped at step 4: the training loss is nan" in line
+    assert code == 1 and "training stopped at step 4: the training loss is nan over steps 4-4" in line
     assert f"the last good checkpoint is {folder / 'last.pt'} (step 3), unchanged" in line
     assert (folder / "last.pt").read_bytes() == before
 
@@ -365,9 +365,9 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     child = subprocess.Popen([sys.executable, "-m", "fastcaps", "train", *TINY, "--max-steps", "60",
                               "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+                             env=_unbuffered_off(OMP_NUM_THREADS="1"))
     try:
-        for line in child.stdout:
+        for line in child.stdout:  # each line must be flushed when printed, or this waits for the end
             if line.startswith("step 1/"):
                 break
         child.send_signal(signal.SIGINT)
@@ -379,6 +379,11 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("fastcaps train: interrupted at step ") and "--resume" in last, err
     assert f"{out / 'last.pt'}" in last and load_checkpoint(out / "last.pt")["step"] >= 1
+
+
+def _unbuffered_off(**extra):
+    """The environment without PYTHONUNBUFFERED: the child's stdout is block-buffered in a pipe."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | extra
 
 
 def test_interrupts_and_disk_errors_at_the_boundary(capsys):
@@ -483,8 +488,9 @@ def test_tensorboard_gets_every_number_of_metrics_jsonl(tmp_path, monkeypatch):
 def test_tensorboard_event_files_hold_the_metrics(tmp_path):
     pytest.importorskip("tensorboard")  # the optional extra: skipped where it is not installed
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    train(tiny_args(tmp_path, "--max-steps", "2", "--tensorboard"))
-    train(tiny_args(tmp_path, "--max-steps", "4", "--tensorboard", "--resume"))
+    train(tiny_args(tmp_path, "--max-steps", "1", "--lr", "2e-3", "--tensorboard"))
+    train(tiny_args(tmp_path, "--max-steps", "2", "--tensorboard", "--overwrite"))   # the old run's events go
+    train(tiny_args(tmp_path, "--max-steps", "4", "--tensorboard", "--resume"))     # steps 1-2 are not repeated
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     records = read_metrics(tmp_path / "metrics.jsonl")
