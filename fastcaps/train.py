@@ -127,12 +127,8 @@ class MNISTData:
 
     def __init__(self, device, max_shift: int, train_subset=None, test_subset=None, rank: int = 0, world: int = 1):
         self.max_shift = max_shift
-        self.images, self.labels = load_mnist("train", device)
-        test_images, test_labels = load_mnist("test", device)
-        if train_subset is not None:
-            self.images, self.labels = self.images[:train_subset], self.labels[:train_subset]
-        if test_subset is not None:
-            test_images, test_labels = test_images[:test_subset], test_labels[:test_subset]
+        self.images, self.labels = load_mnist("train", device, limit=train_subset)
+        test_images, test_labels = load_mnist("test", device, limit=test_subset)
         self.train_size, self.test_size = len(self.labels), len(test_labels)
         # each process evaluates a disjoint shard of the test set; the counts are summed
         self.test_images, self.test_labels = test_images[rank::world], test_labels[rank::world]
