@@ -144,3 +144,13 @@ def arrive(counter_ptr, tile, expected):
     tl.debug_barrier()
     arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
     return arrived == expected
+
+
+@triton.jit
+def sum_partials(ptr, n_splits, state_size, offs, mask):
+    """Sum over the splits, in split order (deterministic), of one tile of the partials at ptr
+    (split 0; split k lies k * state_size further). Loads bypass L1 (.cg): other programs wrote them."""
+    total = tl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    for split in range(1, n_splits):
+        total += tl.load(ptr + split * state_size + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return total

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MAX_SPLITS, arrive, program_target, round_tf32, squash, squash_backward, state_dtype, tuned
+from .common import (MAX_SPLITS, arrive, program_target, round_tf32, squash, squash_backward, state_dtype,
+                     sum_partials, tuned)
 
 __all__ = ["routing_forward", "routing_backward"]
 
@@ -106,17 +107,6 @@ def _load_strided(ptr, offs_b, mask, stride_b, stride_j, stride_d, BLOCK_J: tl.c
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
-@triton.jit
-def _sum_partials(partial_ptr, n_splits, state_size, offs, mask,
-                  BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """Sum of the per-split partials of a batch tile, in split order (deterministic). Loads
-    bypass L1 (.cg): the partials were written by other programs."""
-    total = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
-    for split in range(0, n_splits):
-        total += tl.load(partial_ptr + split * state_size + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    return total
-
-
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
@@ -153,7 +143,7 @@ def _forward_pass_kernel(
     tl.store(partial_ptr + pid_s * state_size + offs, acc, mask=mask)
 
     if arrive(counter_ptr, pid_b, (r + 1) * n_splits - 1):
-        s = _sum_partials(partial_ptr, n_splits, state_size, offs, mask, BLOCK_B, BLOCK_J, BLOCK_D, ACC)
+        s = sum_partials(partial_ptr, n_splits, state_size, offs, mask)
         if HAS_BIAS:
             offs_j = tl.arange(0, BLOCK_J)
             offs_d = tl.arange(0, BLOCK_D)
@@ -224,7 +214,7 @@ def _reverse_pass_kernel(
     tl.store(partial_ptr + pid_s * state_size + offs, acc, mask=mask)
 
     if arrive(counter_ptr, pid_b, (pass_index + 1) * n_splits - 1):
-        dv_prev = _sum_partials(partial_ptr, n_splits, state_size, offs, mask, BLOCK_B, BLOCK_J, BLOCK_D, ACC)
+        dv_prev = sum_partials(partial_ptr, n_splits, state_size, offs, mask)
         if not TOP:
             dv_prev += dv
         tl.store(dv_ptr + (r - 1) * state_size + offs, dv_prev, mask=mask)

@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MAX_SPLITS, arrive, program_target, round_tf32, squash, squash_backward, state_dtype, tuned
+from .common import (MAX_SPLITS, arrive, program_target, round_tf32, squash, squash_backward, state_dtype,
+                     sum_partials, tuned)
 
 __all__ = ["routing_forward", "routing_backward", "PRECISIONS"]
 
@@ -204,16 +205,6 @@ def _load_strided_tiles(ptr, row0, mask, stride_b, stride_j, stride_d, J: tl.con
     return tiles
 
 
-@triton.jit
-def _sum_partials(ptr, n_splits, state_size, offs, mask):
-    """Sum over the splits, in split order (deterministic), of one tile of the partials at ptr
-    (split 0). Loads bypass L1 (.cg): other programs wrote them."""
-    total = tl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    for split in range(1, n_splits):
-        total += tl.load(ptr + split * state_size + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    return total
-
-
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
@@ -272,7 +263,7 @@ def _tc_forward_kernel(
     if arrive(counter_ptr, pid_b, (r + 1) * n_splits - 1):
         d = tl.arange(0, DP)
         for j in tl.static_range(J):
-            s = _sum_partials(partial_ptr + state + j * D, n_splits, state_size, offs, mask)
+            s = sum_partials(partial_ptr + state + j * D, n_splits, state_size, offs, mask)
             if FIRST:
                 s = s / (J + LEAKY)
             if HAS_BIAS:
@@ -363,7 +354,7 @@ def _tc_reverse_kernel(
 
     if arrive(counter_ptr, pid_b, (pass_index + 1) * n_splits - 1):
         for j in tl.static_range(J):
-            dv_prev = _sum_partials(partial_ptr + state + j * D, n_splits, state_size, offs, mask)
+            dv_prev = sum_partials(partial_ptr + state + j * D, n_splits, state_size, offs, mask)
             if not TOP:
                 dv_prev += tl.load(dv_ptr + r * state_size + state + j * D + offs, mask=mask, other=0.0)
             tl.store(dv_ptr + (r - 1) * state_size + state + j * D + offs, dv_prev, mask=mask)
