@@ -17,11 +17,7 @@ export PYTHONUNBUFFERED=1
 TRAIN_SECONDS=${TRAIN_SECONDS:-390}
 EPOCHS=${EPOCHS:-100}
 
-python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-deps --no-index .whl/*.whl || exit 1
-fi
-device=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))") || exit 1
+. scripts/gpu_setup.sh  # install, .whl/ wheels, $device
 results="results/multimnist-$device"
 run="runs/multimnist-$device"
 mkdir -p "$results"

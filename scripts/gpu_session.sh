@@ -22,11 +22,7 @@ mkdir -p "$RESULTS"
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 
-python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-deps --no-index .whl/*.whl || exit 1
-fi
-device=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))") || exit 1
+. scripts/gpu_setup.sh  # install, .whl/ wheels, $device
 summary="$RESULTS/$device-gpu-session.md"
 {
     echo "# GPU session on $device"

@@ -28,11 +28,7 @@ TABLE_EPOCHS=${TABLE_EPOCHS:-30}
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 
-python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-deps --no-index .whl/*.whl || exit 1
-fi
-device=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))") || exit 1
+. scripts/gpu_setup.sh  # install, .whl/ wheels, $device
 RESULTS=results/$device
 mkdir -p "$RESULTS"
 python3 -c "import torch, triton, fastcaps; print(f'torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, fastcaps {fastcaps.__version__}, commit', end=' ')" > "$RESULTS/environment.txt"
