@@ -49,13 +49,17 @@ class DigitCaps(nn.Module):
     initialised N(0, 0.01^2) (the paper is silent; 0.01 is what most PyTorch ports use; CapsNet
     re-initialises it as the authors' code does). bias (only with bias=True): [out_caps, out_dim],
     added to s on every iteration, initialised to 0 here (CapsNet: 0.1, as the authors).
+    prior (only with prior=True): [in_caps, out_caps], learnable initial routing logits b^(0)
+    (the same for every sample), initialised to 0, where routing starts as in the paper; its
+    state_dict key is `prior`, and a module without it has no such key (so checkpoints of either
+    kind load into a module of the same kind). Named like `bias`: a flag that adds the parameter.
     forward: u [B, in_caps, in_dim] -> v [B, out_caps, out_dim].
     """
 
     _routing = staticmethod(reference.dynamic_routing)
 
     def __init__(self, in_caps: int, in_dim: int, out_caps: int, out_dim: int, iterations: int = 3, *,
-                 bias: bool = False, leaky: bool = False, detach_routing: bool = False):
+                 bias: bool = False, prior: bool = False, leaky: bool = False, detach_routing: bool = False):
         super().__init__()
         # checked here, not at the first forward, where a float would fail deep inside the loop
         sizes = {"in_caps": in_caps, "in_dim": in_dim, "out_caps": out_caps, "out_dim": out_dim,
@@ -65,28 +69,31 @@ class DigitCaps(nn.Module):
                 raise TypeError(f"{name} must be an int >= 1, got {value!r}")
             if value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name, flag in (("bias", bias), ("leaky", leaky), ("detach_routing", detach_routing)):
+        for name, flag in (("bias", bias), ("prior", prior), ("leaky", leaky), ("detach_routing", detach_routing)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         self.in_caps, self.in_dim, self.out_caps, self.out_dim = in_caps, in_dim, out_caps, out_dim
         self.iterations, self.leaky, self.detach_routing = iterations, leaky, detach_routing
         self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dim, in_dim))
         self.bias = nn.Parameter(torch.empty(out_caps, out_dim)) if bias else None
+        self.prior = nn.Parameter(torch.empty(in_caps, out_caps)) if prior else None
         self.reset_parameters()
 
     def reset_parameters(self):
         nn.init.normal_(self.weight, std=0.01)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+        if self.prior is not None:
+            nn.init.zeros_(self.prior)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return type(self)._routing(u, self.weight, self.iterations, bias=self.bias, leaky=self.leaky,
-                                   detach_routing=self.detach_routing)
+        return type(self)._routing(u, self.weight, self.iterations, bias=self.bias, prior=self.prior,
+                                   leaky=self.leaky, detach_routing=self.detach_routing)
 
     def extra_repr(self):
         return (f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, "
                 f"out_dim={self.out_dim}, iterations={self.iterations}, bias={self.bias is not None}, "
-                f"leaky={self.leaky}, detach_routing={self.detach_routing}")
+                f"prior={self.prior is not None}, leaky={self.leaky}, detach_routing={self.detach_routing}")
 
 
 class Decoder(nn.Module):
