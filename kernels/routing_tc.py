@@ -431,21 +431,23 @@ def _tc_input_grad_kernel(
             prior_logits = ()
             for j in tl.static_range(J):
                 prior_logits = prior_logits + (_load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC),)
-            c = _softmax(prior_logits, J, LEAKY)
-            dc = ()
+            # names of their own: c, dc, da of the r loop below have [BLOCK_B, CHUNK] tiles, and a
+            # name bound before a loop would become a loop-carried value of another shape
+            c0 = _softmax(prior_logits, J, LEAKY)
+            dc0 = ()
             for j in tl.static_range(J):
                 w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
                 ds0 = tl.load(ds_ptr + state + j * D + offs, mask=mask, other=0.0)
-                q = _dot(ds0, w, zero, PREC, OP)
-                c_cols = _spread(c[j], BLOCK_B, CHUNK, KA, KB)
-                du += c_cols * q
-                dw = _set(dw, j, _dot(tl.trans(ds0), c_cols * u, dw[j], PREC, OP))
+                q0 = _dot(ds0, w, zero, PREC, OP)
+                c0_cols = _spread(c0[j], BLOCK_B, CHUNK, KA, KB)
+                du += c0_cols * q0
+                dw = _set(dw, j, _dot(tl.trans(ds0), c0_cols * u, dw[j], PREC, OP))
                 if PRIOR_GRAD:
-                    dc = dc + (_segment_sum(u * q, BLOCK_B, CHUNK, KA, KB),)
+                    dc0 = dc0 + (_segment_sum(u * q0, BLOCK_B, CHUNK, KA, KB),)
             if PRIOR_GRAD:
-                da = _softmax_backward(c, dc, J)
+                da0 = _softmax_backward(c0, dc0, J)
                 for j in tl.static_range(J):
-                    dprior = _set(dprior, j, dprior[j] + da[j])
+                    dprior = _set(dprior, j, dprior[j] + da0[j])
         elif FIRST_TERM == 0:  # r = 0: uniform couplings 1 / (J + leaky), nothing through the softmax
             u0 = u / (J + LEAKY)  # a division: exact in fp64 too, where a Python-float 1/J would not be
             q_sum = zero
