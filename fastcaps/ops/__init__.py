@@ -1,0 +1,1 @@
+"""Subpackage of fastcaps (ops: the routing op and its translations)."""
