@@ -11,7 +11,8 @@ setup(
     description="Fused Triton kernels for dynamic routing in capsule networks",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=["fastcaps", "fastcaps.nn", "fastcaps.ops", "fastcaps.kernels", "fastcaps.benchmarks"],
+    packages=["fastcaps", "fastcaps.ops", "fastcaps.nn", "fastcaps.models", "fastcaps.data", "fastcaps.recipes",
+              "fastcaps.kernels", "fastcaps.benchmarks"],
     python_requires=">=3.10",
     # einops: the weight layouts of other CapsNets (fastcaps.convert_weight)
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "tqdm", "einops>=0.6"],
@@ -26,5 +27,5 @@ setup(
         # fastcaps.export_onnx: torch.onnx.export(dynamo=True) needs onnx and onnxscript; onnxruntime runs the model
         "export": ["onnx", "onnxscript", "onnxruntime"],
     },
-    entry_points={"console_scripts": ["fastcaps = fastcaps.cli:main"]},
+    entry_points={"console_scripts": ["fastcaps = fastcaps.recipes.cli:main"]},
 )

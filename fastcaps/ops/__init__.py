@@ -1,1 +1,6 @@
-"""Subpackage of fastcaps (ops: the routing op and its translations)."""
+"""The routing op: the eager specification (reference) and the fused Triton op built on fastcaps.kernels."""
+from . import reference
+from .reference import squash
+from .routing import FusedRoutingFunction, TritonMissingError, dynamic_routing, kernels_available
+
+__all__ = ["reference", "squash", "dynamic_routing", "kernels_available", "TritonMissingError", "FusedRoutingFunction"]

@@ -30,7 +30,7 @@ except ImportError as exc:  # an optional dependency: only export needs it
     raise ImportError("fastcaps.ops.onnx (ONNX export) needs onnxscript and onnx: "
                       "pip install 'fastcaps[export]' (onnx, onnxscript, onnxruntime)") from exc
 
-import fastcaps.routing  # noqa: F401  (registers the fastcaps:: custom ops)
+from . import routing as _routing  # noqa: F401  (registers the fastcaps:: custom ops)
 
 __all__ = ["ONNX_TRANSLATIONS", "export_onnx", "routing_graph"]
 

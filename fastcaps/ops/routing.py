@@ -1,4 +1,4 @@
-"""The fused routing op: functional API, autograd.Function, torch.library custom ops, module.
+"""The fused routing op: functional API, autograd.Function and torch.library custom ops.
 
 `fastcaps.dynamic_routing` has the signature and semantics of
 `fastcaps.reference.dynamic_routing` and runs the Triton kernels of `fastcaps.kernels.routing`
@@ -18,9 +18,8 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .layers import DigitCaps
 
-__all__ = ["dynamic_routing", "FusedDigitCaps", "kernels_available", "TritonMissingError"]
+__all__ = ["dynamic_routing", "kernels_available", "TritonMissingError", "FusedRoutingFunction"]
 
 _PRECISIONS = ("ieee", "tf32x3", "tf32")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -42,7 +41,7 @@ def _load_kernels():
                 "fastcaps.dynamic_routing (the fused routing op) needs Triton, which is not installed: "
                 "`pip install triton`, or use the eager routing (fastcaps.reference.dynamic_routing, "
                 "DigitCaps, CapsNet(routing='eager'), fastcaps train --routing eager)") from exc
-        from .kernels import routing as module
+        from ..kernels import routing as module
         _kernels = module
     return _kernels
 
@@ -228,29 +227,3 @@ def dynamic_routing(u: Tensor, weight: Tensor, iterations: int = 3, *, bias: Ten
     v, _, _ = FusedRoutingFunction.apply(u, weight, bias, iterations, leaky, detach_routing, input_precision,
                                          kernels or _default_kernels())
     return v
-
-
-class FusedDigitCaps(DigitCaps):
-    """fastcaps.DigitCaps with the fused Triton routing op (fastcaps.dynamic_routing).
-
-    A drop-in for fastcaps' own DigitCaps: the same constructor, options, parameters and
-    state_dict keys, so either module loads the other's state_dict. (For the layer of another
-    CapsNet port, convert its weight: FusedDigitCaps.from_weight(weight, pattern, product, ...),
-    README "Porting a CapsNet to fastcaps".)
-
-    u [B, I, K] -> v [B, J, D] (I = in_caps, K = in_dim, J = out_caps, D = out_dim).
-    weight: [I, J, D, K], û_ij = W_ij u_i, initialised N(0, 0.01^2); bias (bias=True): [J, D],
-    added to s before the squash, initialised to 0. Options (iterations, bias, leaky,
-    detach_routing) and the iteration convention (iterations=R: R weighted sums, R - 1 logit
-    updates; a port counting logit updates with n is iterations=n+1): see DigitCaps.
-
-    Device: the Triton kernels run on CUDA tensors, and on CPU tensors under Triton's
-    interpreter (TRITON_INTERPRET=1 set before fastcaps is imported; slow, for tests). On a CPU
-    without the interpreter (or any other device) forward falls back to the eager reference,
-    fastcaps.reference.dynamic_routing, with one RuntimeWarning: same values, the reference's
-    speed and memory. Without Triton installed, forward raises an ImportError that names the fix.
-    Inputs float32, float16, bfloat16 or float64; arithmetic in fp32 (fp64 for fp64).
-    forward keeps the routing state per sample for the backward, not û (O(B R J D) numbers).
-    """
-
-    _routing = staticmethod(dynamic_routing)

@@ -1,7 +1,7 @@
-"""Capsule layers: PrimaryCaps, DigitCaps (eager routing) and the CapsNet decoder.
+"""Capsule layers: PrimaryCaps, DigitCaps (eager routing), FusedDigitCaps (the fused op) and the decoder.
 
-FusedDigitCaps, the drop-in with the fused Triton routing, lives in fastcaps.routing and has
-the same constructor, parameters and state_dict keys as DigitCaps.
+FusedDigitCaps has the same constructor, parameters and state_dict keys as DigitCaps; only the
+routing function differs.
 """
 import math
 
@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
-from .nn.convert import convert_weight
+from ..ops import reference
+from ..ops.routing import dynamic_routing
+from .convert import convert_weight
 
-__all__ = ["PrimaryCaps", "DigitCaps", "Decoder"]
+__all__ = ["PrimaryCaps", "DigitCaps", "FusedDigitCaps", "Decoder"]
 
 
 class PrimaryCaps(nn.Module):
@@ -148,6 +149,32 @@ class DigitCaps(nn.Module):
         return (f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, "
                 f"out_dim={self.out_dim}, iterations={self.iterations}, bias={self.bias is not None}, "
                 f"leaky={self.leaky}, detach_routing={self.detach_routing}")
+
+
+class FusedDigitCaps(DigitCaps):
+    """fastcaps.DigitCaps with the fused Triton routing op (fastcaps.dynamic_routing).
+
+    A drop-in for fastcaps' own DigitCaps: the same constructor, options, parameters and
+    state_dict keys, so either module loads the other's state_dict. (For the layer of another
+    CapsNet port, convert its weight: FusedDigitCaps.from_weight(weight, pattern, product, ...),
+    README "Porting a CapsNet to fastcaps".)
+
+    u [B, I, K] -> v [B, J, D] (I = in_caps, K = in_dim, J = out_caps, D = out_dim).
+    weight: [I, J, D, K], û_ij = W_ij u_i, initialised N(0, 0.01^2); bias (bias=True): [J, D],
+    added to s before the squash, initialised to 0. Options (iterations, bias, leaky,
+    detach_routing) and the iteration convention (iterations=R: R weighted sums, R - 1 logit
+    updates; a port counting logit updates with n is iterations=n+1): see DigitCaps.
+
+    Device: the Triton kernels run on CUDA tensors, and on CPU tensors under Triton's
+    interpreter (TRITON_INTERPRET=1 set before fastcaps is imported; slow, for tests). On a CPU
+    without the interpreter (or any other device) forward falls back to the eager reference,
+    fastcaps.reference.dynamic_routing, with one RuntimeWarning: same values, the reference's
+    speed and memory. Without Triton installed, forward raises an ImportError that names the fix.
+    Inputs float32, float16, bfloat16 or float64; arithmetic in fp32 (fp64 for fp64).
+    forward keeps the routing state per sample for the backward, not û (O(B R J D) numbers).
+    """
+
+    _routing = staticmethod(dynamic_routing)
 
 
 class Decoder(nn.Module):

@@ -1,0 +1,7 @@
+"""Models built from the capsule modules: the paper's MNIST CapsNet with its losses, and Table 1's baseline CNN."""
+from .baseline import BaselineCNN, baseline_loss
+from .capsnet import (AUTHORS_ARCH, LEGACY_ARCH, CapsNet, CapsNetOutput, capsnet_loss, margin_loss,
+                      reconstruction_loss)
+
+__all__ = ["CapsNet", "CapsNetOutput", "margin_loss", "reconstruction_loss", "capsnet_loss", "AUTHORS_ARCH",
+           "LEGACY_ARCH", "BaselineCNN", "baseline_loss"]
