@@ -91,53 +91,59 @@ def test_onnx_capsnet_matches_pytorch_in_onnxruntime(routing, tmp_path, monkeypa
 
 
 class _Routing(torch.nn.Module):
-    """The functional op on a learnt weight, as a module to export."""
+    """The functional op on learnt parameters, as a module to export."""
 
-    def __init__(self, weight, iterations, bias=None, leaky=False):
+    def __init__(self, weight, iterations, bias=None, leaky=False, prior=None):
         super().__init__()
         self.weight = torch.nn.Parameter(weight)
         self.bias = None if bias is None else torch.nn.Parameter(bias)
+        self.prior = None if prior is None else torch.nn.Parameter(prior)
         self.iterations, self.leaky = iterations, leaky
 
     def forward(self, u):
-        return fastcaps.dynamic_routing(u, self.weight, self.iterations, bias=self.bias, leaky=self.leaky)
+        return fastcaps.dynamic_routing(u, self.weight, self.iterations, bias=self.bias, prior=self.prior,
+                                        leaky=self.leaky)
 
 
 class _RoutingOp(torch.nn.Module):
     """The custom op itself, all three outputs (v, s_all, v_sums)."""
 
-    def __init__(self, weight, iterations, bias=None, leaky=False):
+    def __init__(self, weight, iterations, bias=None, leaky=False, prior=None):
         super().__init__()
-        self.weight, self.bias = weight, bias
+        self.weight, self.bias, self.prior = weight, bias, prior
         self.iterations, self.leaky = iterations, leaky
 
     def forward(self, u):
-        return torch.ops.fastcaps.routing_forward(u, self.weight, self.bias, self.iterations, self.leaky, "ieee", "fma")
+        return torch.ops.fastcaps.routing_forward(u, self.weight, self.bias, self.prior, self.iterations, self.leaky,
+                                                  "ieee", "fma")
 
 
-def _routing_inputs(dtype, bias, seed=0, shape=(3, 7, 4, 5, 3)):
+def _routing_inputs(dtype, bias, prior=False, seed=0, shape=(3, 7, 4, 5, 3)):
     batch, in_caps, out_caps, out_dim, in_dim = shape
     gen = torch.Generator().manual_seed(seed)
     u = fastcaps.squash(torch.randn(batch, in_caps, in_dim, generator=gen, dtype=torch.float64))
     weight = torch.randn(in_caps, out_caps, out_dim, in_dim, generator=gen, dtype=torch.float64)
     b = 0.3 * torch.randn(out_caps, out_dim, generator=gen, dtype=torch.float64) if bias else None
-    return u.to(dtype), weight.to(dtype), None if b is None else b.to(dtype)
+    p = torch.randn(in_caps, out_caps, generator=gen, dtype=torch.float64) if prior else None
+    return tuple(None if t is None else t.to(dtype) for t in (u, weight, b, p))
 
 
-# (iterations, bias, leaky, dtype): each option once, one export each (an export takes seconds)
-OPTIONS = [(1, False, False, torch.float64), (3, True, False, torch.float32), (2, False, True, torch.float64),
-           (4, True, True, torch.float64)]
+# (iterations, bias, leaky, prior, dtype): each option, one export each (an export takes seconds)
+OPTIONS = [(1, False, False, False, torch.float64), (3, True, False, False, torch.float32),
+           (2, False, True, True, torch.float64), (4, True, True, True, torch.float64),
+           (1, False, False, True, torch.float32)]
 
 
-@pytest.mark.parametrize("iterations, bias, leaky, dtype", OPTIONS)
-def test_onnx_translation_of_every_option(iterations, bias, leaky, dtype, tmp_path):
+@pytest.mark.parametrize("iterations, bias, leaky, prior, dtype", OPTIONS)
+def test_onnx_translation_of_every_option(iterations, bias, leaky, prior, dtype, tmp_path):
     """The translated routing against the eager reference (float64: to rounding)."""
-    u, weight, b = _routing_inputs(dtype, bias)
+    u, weight, b, p = _routing_inputs(dtype, bias, prior)
     path = tmp_path / "routing.onnx"
-    program = export_onnx(_Routing(weight, iterations, b, leaky).eval(), (u,), path)
+    program = export_onnx(_Routing(weight, iterations, b, leaky, p).eval(), (u,), path)
     assert ROUTING_OP in {n.target for n in program.exported_program.graph.nodes}   # the translated op
     (v,) = _run_onnx(path, u)
-    expected = reference.dynamic_routing(u.double(), weight.double(), iterations, bias=None if b is None else b.double(),
+    double = lambda t: None if t is None else t.double()  # noqa: E731
+    expected = reference.dynamic_routing(u.double(), weight.double(), iterations, bias=double(b), prior=double(p),
                                          leaky=leaky)
     err = np.linalg.norm(v - expected.numpy()) / np.linalg.norm(expected.numpy())
     assert v.dtype == {torch.float64: np.float64, torch.float32: np.float32}[dtype]
@@ -147,18 +153,18 @@ def test_onnx_translation_of_every_option(iterations, bias, leaky, dtype, tmp_pa
 @pytest.mark.parametrize("iterations", [1, 3])
 def test_onnx_translation_returns_the_kernels_state(iterations, tmp_path):
     """s_all and v_sums of the translation are what the kernels save (a graph may use them)."""
-    u, weight, b = _routing_inputs(torch.float64, True, seed=1)
+    u, weight, b, prior = _routing_inputs(torch.float64, True, prior=True, seed=1)
     path = tmp_path / "op.onnx"
-    export_onnx(_RoutingOp(weight, iterations, b, True).eval(), (u,), path)
+    export_onnx(_RoutingOp(weight, iterations, b, True, prior).eval(), (u,), path)
     got = _run_onnx(path, u)
-    expected = torch.ops.fastcaps.routing_forward(u, weight, b, iterations, True, "ieee", "fma")   # the kernels
+    expected = torch.ops.fastcaps.routing_forward(u, weight, b, prior, iterations, True, "ieee", "fma")  # the kernels
     assert [g.shape for g in got] == [tuple(e.shape) for e in expected]
     for g, e in zip(got, expected):
         torch.testing.assert_close(torch.from_numpy(g), e, rtol=1e-11, atol=1e-13)
 
 
 def test_onnx_translation_half_precision_computes_in_float32(tmp_path):
-    u, weight, b = _routing_inputs(torch.float16, True, seed=2)
+    u, weight, b, _ = _routing_inputs(torch.float16, True, seed=2)
     path = tmp_path / "half.onnx"
     export_onnx(_Routing(weight, 3, b).eval(), (u,), path)
     (v,) = _run_onnx(path, u)

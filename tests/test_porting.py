@@ -5,6 +5,7 @@ The port routines below are written from the ports' descriptions (their weight l
 softmax axis, iteration count, squash, logit handling), loop-simple and in float64; they are not
 the ports' code. Each keeps the port's weight layout, so the test runs the conversion a user runs.
 """
+import einops
 import pytest
 import torch
 
@@ -137,36 +138,40 @@ def _close(actual, expected, tol):
     assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
 
 
-# (port routine, its layout, product, fastcaps iterations for the port's count, fastcaps options)
+# (port routine, its layout, product, fastcaps iterations for the port's count, fastcaps options,
+#  whether the port learns prior logits [I, J])
 REPRODUCED = {
     "XifengGuo/CapsNet-Pytorch": (lambda u, w: xifengguo(u, w, 3, eps=0.0), "j i d k", "Wu", 3,
-                                  {"detach_routing": True}),
+                                  {"detach_routing": True}, False),
     "danielhavir/capsule-network": (lambda u, w: danielhavir(u, w, 3, eps=0.0), "1 j i d k", "Wu", 3,
-                                    {"detach_routing": True}),
-    # n_iterations=3 counts logit updates: 4 weighted sums
-    "adambielski/CapsNet-pytorch": (lambda u, w: adambielski(u, w, torch.zeros(I, J, dtype=u.dtype), 3),
-                                    "i k (j d)", "uW", 4, {}),
+                                    {"detach_routing": True}, False),
+    # n_iterations=3 counts logit updates: 4 weighted sums; its trained b is fastcaps' prior
+    "adambielski/CapsNet-pytorch": (lambda u, w, b: adambielski(u, w, b, 3), "i k (j d)", "uW", 4, {}, True),
 }
 
 
 @pytest.mark.parametrize("port", list(REPRODUCED))
 @pytest.mark.parametrize("routing", ["reference", "fused"])
 def test_port_matches_fastcaps_after_conversion(port, routing):
-    """v, du and dW of the port equal fastcaps' on the converted weight, to float64 rounding (the
-    fused op under the interpreter on the CPU)."""
-    fn, pattern, product, iterations, options = REPRODUCED[port]
+    """v, du and dW (and d prior) of the port equal fastcaps' on the converted weight, to float64
+    rounding (the fused op under the interpreter on the CPU)."""
+    fn, pattern, product, iterations, options, learns_prior = REPRODUCED[port]
     u, weight, grad = _inputs()
     port_weight = _port_layout(weight, pattern)
-    v, du, dw_port = _v_and_grads(fn, u, port_weight, grad)
+    prior = (torch.randn(I, J, generator=torch.Generator().manual_seed(7), dtype=torch.float64),) if learns_prior else ()
+    v, du, dw_port, *d_prior = _v_and_grads(fn, u, port_weight, grad, *prior)
     converted = fastcaps.convert_weight(port_weight, pattern, product, d=D)
     assert torch.equal(converted, weight)
     op = reference.dynamic_routing if routing == "reference" else fastcaps.dynamic_routing
     assert routing == "reference" or fastcaps.kernels_available(u.device)  # the kernels, not the fallback
-    v_f, du_f, dw_f = _v_and_grads(lambda u_, w_: op(u_, w_, iterations, **options), u, converted, grad)
+    v_f, du_f, dw_f, *d_prior_f = _v_and_grads(
+        lambda u_, w_, *p: op(u_, w_, iterations, prior=p[0] if p else None, **options), u, converted, grad, *prior)
     tol = 1e-12 if routing == "reference" else 1e-10
     _close(v_f, v, tol)
     _close(du_f, du, tol)
     _close(dw_f, fastcaps.convert_weight(dw_port, pattern, product, d=D), tol)  # dW converts like W
+    for got, want in zip(d_prior_f, d_prior):
+        _close(got, want, tol)
 
 
 @pytest.mark.parametrize("n_iterations", [0, 1, 3])
@@ -201,14 +206,15 @@ def _predictions(u, weight):
 def test_gram_ai_conversion_and_the_softmax_over_the_inputs():
     """gram-ai/capsule-networks: the conversion gives its predictions exactly; its softmax over the
     input capsules is not what fastcaps computes (v differs), and with the softmax over the outputs
-    its routing is fastcaps' (route_logits of 0, its initialisation)."""
+    its routing is fastcaps' with its learnt route_logits as the prior."""
     u, weight, _ = _inputs(3)
     port_weight = _port_layout(weight, "j i k d")
     converted = fastcaps.convert_weight(port_weight, "j i k d", "uW")
     port_u_hat = (u[None, :, :, None, :] @ port_weight[:, None])[:, :, :, 0, :].permute(1, 2, 0, 3)
     torch.testing.assert_close(_predictions(u, converted), port_u_hat, rtol=1e-13, atol=0)
-    logits = torch.zeros(J, 1, I, 1, 1, dtype=u.dtype)
-    v_fastcaps = reference.dynamic_routing(u, converted, 3)
+    logits = torch.randn(J, 1, I, 1, 1, dtype=u.dtype, generator=torch.Generator().manual_seed(8))  # trained
+    prior = einops.rearrange(logits, "j 1 i 1 1 -> i j")
+    v_fastcaps = reference.dynamic_routing(u, converted, 3, prior=prior)
     assert (gram_ai(u, port_weight, logits, 3) - v_fastcaps).norm() / v_fastcaps.norm() > 1e-2
     _close(gram_ai(u, port_weight, logits, 3, softmax_over="outputs"), v_fastcaps, 1e-12)
 
@@ -313,6 +319,7 @@ def test_from_weight_builds_the_layer(cls):
     assert torch.equal(layer.weight, weight)
     expected = reference.dynamic_routing(u, weight, 4, bias=layer.bias, leaky=True)
     _close(layer(u).detach(), expected.detach(), 1e-10)
+    assert cls.from_weight(port_weight, "i k (j d)", "uW", out_dim=D, prior=True).prior.shape == (I, J)
     with pytest.raises(ValueError, match=r"axis i \(input capsules I, in_caps\) is dim 0 .* of size 6, but i=5"):
         cls.from_weight(port_weight, "i k (j d)", "uW", in_caps=5, out_dim=D)
     with pytest.raises(ValueError, match=r"groups \(j d\), which does not match the sizes given: d=5"):

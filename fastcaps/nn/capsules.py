@@ -76,7 +76,7 @@ class DigitCaps(nn.Module):
     _routing = staticmethod(reference.dynamic_routing)
 
     def __init__(self, in_caps: int, in_dim: int, out_caps: int, out_dim: int, iterations: int = 3, *,
-                 bias: bool = False, leaky: bool = False, detach_routing: bool = False):
+                 bias: bool = False, prior: bool = False, leaky: bool = False, detach_routing: bool = False):
         """A layer from I = in_caps input capsules of K = in_dim to J = out_caps of D = out_dim.
 
         Args:
@@ -100,13 +100,14 @@ class DigitCaps(nn.Module):
                 raise TypeError(f"{name} must be an int >= 1, got {value!r}")
             if value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name, flag in (("bias", bias), ("leaky", leaky), ("detach_routing", detach_routing)):
+        for name, flag in (("bias", bias), ("prior", prior), ("leaky", leaky), ("detach_routing", detach_routing)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         self.in_caps, self.in_dim, self.out_caps, self.out_dim = in_caps, in_dim, out_caps, out_dim
         self.iterations, self.leaky, self.detach_routing = iterations, leaky, detach_routing
         self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dim, in_dim))
         self.bias = nn.Parameter(torch.empty(out_caps, out_dim)) if bias else None
+        self.prior = nn.Parameter(torch.empty(in_caps, out_caps)) if prior else None
         self.reset_parameters()
 
     @classmethod
@@ -139,16 +140,18 @@ class DigitCaps(nn.Module):
         nn.init.normal_(self.weight, std=0.01)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+        if self.prior is not None:
+            nn.init.zeros_(self.prior)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """v [B, J, D] = routing(u [B, I, K], weight, iterations, bias, leaky, detach_routing)."""
-        return type(self)._routing(u, self.weight, self.iterations, bias=self.bias, leaky=self.leaky,
-                                   detach_routing=self.detach_routing)
+        return type(self)._routing(u, self.weight, self.iterations, bias=self.bias, prior=self.prior,
+                                   leaky=self.leaky, detach_routing=self.detach_routing)
 
     def extra_repr(self):
         return (f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, "
                 f"out_dim={self.out_dim}, iterations={self.iterations}, bias={self.bias is not None}, "
-                f"leaky={self.leaky}, detach_routing={self.detach_routing}")
+                f"prior={self.prior is not None}, leaky={self.leaky}, detach_routing={self.detach_routing}")
 
 
 class FusedDigitCaps(DigitCaps):

@@ -12,8 +12,8 @@ s = sum_i c u_hat + bias, v = squash(s), b += u_hat . v. `export_onnx` passes it
 or, by hand: `torch.onnx.export(model, (images,), "capsnet.onnx", dynamo=True,
 custom_translation_table=fastcaps.ops.onnx.ONNX_TRANSLATIONS)`.
 
-Every option of the op's forward is translated: iterations, bias, leaky (and the prior
-logits, where the op takes them); fp16/bf16 inputs are computed in fp32, as the kernels do.
+Every option of the op's forward is translated: iterations, bias, leaky and the prior
+logits (DigitCaps(prior=True)); fp16/bf16 inputs are computed in fp32, as the kernels do.
 `input_precision` and `kernels` choose how the GPU computes the same function, so the graph
 ignores them: ONNX Runtime computes exact products in the input dtype. Needs the `[export]`
 extra (onnx, onnxscript, onnxruntime to run the model); importing this module without them
@@ -110,10 +110,10 @@ def routing_graph(u, weight, bias, prior, iterations: int, leaky: bool):
     return v, s_all, v_sums
 
 
-def _routing_forward(u, weight, bias=None, iterations: int = 3, leaky: bool = False,
+def _routing_forward(u, weight, bias=None, prior=None, iterations: int = 3, leaky: bool = False,
                      input_precision: str = "ieee", kernels: str = "fma"):
     """The translation of fastcaps::routing_forward (its schema's arguments, in order)."""
-    return routing_graph(u, weight, bias, None, iterations, leaky)
+    return routing_graph(u, weight, bias, prior, iterations, leaky)
 
 
 ONNX_TRANSLATIONS = {torch.ops.fastcaps.routing_forward.default: _routing_forward}
