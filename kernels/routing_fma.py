@@ -81,6 +81,13 @@ def _uniform_coupling(J: tl.constexpr, BLOCK_J: tl.constexpr, LEAKY: tl.constexp
 
 
 @triton.jit
+def _load_prior(prior_ptr, i, stride_pi, stride_pj, J: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr):
+    """Row i of the prior logits as [1, BLOCK_J] (0 on padded j, which _coupling masks)."""
+    offs_j = tl.arange(0, BLOCK_J)
+    return tl.load(prior_ptr + i * stride_pi + offs_j * stride_pj, mask=offs_j < J, other=0.0).to(ACC)[None, :]
+
+
+@triton.jit
 def _softmax_backward(c, dc):
     """da = c (dc - sum_j c dc) over axis 1 of [BLOCK_B, BLOCK_J] (a leak logit has dc = 0)."""
     return c * (dc - tl.sum(c * dc, axis=1)[:, None])
@@ -111,11 +118,12 @@ def _load_strided(ptr, offs_b, mask, stride_b, stride_j, stride_d, BLOCK_J: tl.c
 
 @triton.jit
 def _forward_pass_kernel(
-    u_ptr, w_ptr, bias_ptr, v_ptr, s_all_ptr, v_sums_ptr, partial_ptr, counter_ptr,
+    u_ptr, w_ptr, bias_ptr, prior_ptr, v_ptr, s_all_ptr, v_sums_ptr, partial_ptr, counter_ptr,
     B, I, state_size, r, i_per_split, n_splits,
     stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk, stride_bj, stride_bd,
+    stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, LEAKY: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PRIOR: tl.constexpr, LEAKY: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
     ACC: tl.constexpr, TF32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
@@ -133,12 +141,18 @@ def _forward_pass_kernel(
     for i in tl.range(i_start, i_end, num_stages=STAGES):
         u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, stride_wi, stride_wj,
                          stride_wd, stride_wk, J, D, K, BLOCK_B, BLOCK_J, BLOCK_D, ACC, TF32)
-        if FIRST:
+        if FIRST and not HAS_PRIOR:
             acc += u_hat
         else:
-            c = _coupling(tl.sum(u_hat * v_sum, axis=2), J, BLOCK_J, LEAKY)
+            if FIRST:  # b^(0) = prior
+                logits = _load_prior(prior_ptr, i, stride_pi, stride_pj, J, BLOCK_J, ACC)
+            else:
+                logits = tl.sum(u_hat * v_sum, axis=2)
+                if HAS_PRIOR:
+                    logits += _load_prior(prior_ptr, i, stride_pi, stride_pj, J, BLOCK_J, ACC)
+            c = _coupling(logits, J, BLOCK_J, LEAKY)
             acc += c[:, :, None] * u_hat
-    if FIRST:
+    if FIRST and not HAS_PRIOR:
         acc = acc * _uniform_coupling(J, BLOCK_J, LEAKY, ACC)
     tl.store(partial_ptr + pid_s * state_size + offs, acc, mask=mask)
 
@@ -178,11 +192,12 @@ def _squash_backward_kernel(s_all_ptr, grad_v_ptr, ds_ptr, B, state_size, r, str
 
 @triton.jit
 def _reverse_pass_kernel(
-    u_ptr, w_ptr, s_all_ptr, v_sums_ptr, grad_v_ptr, dv_ptr, ds_ptr, partial_ptr, counter_ptr,
+    u_ptr, w_ptr, prior_ptr, s_all_ptr, v_sums_ptr, grad_v_ptr, dv_ptr, ds_ptr, partial_ptr, counter_ptr,
     B, I, state_size, r, pass_index, i_per_split, n_splits,
     stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk, stride_gb, stride_gj, stride_gd,
+    stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
-    TOP: tl.constexpr, BOTTOM: tl.constexpr, LEAKY: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr,
+    TOP: tl.constexpr, BOTTOM: tl.constexpr, HAS_PRIOR: tl.constexpr, LEAKY: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Reverse pass r (R-1 >= r >= 1): dV^(r) = sum_i da^(r)_bij u_hat_bij for one batch tile and
@@ -208,7 +223,10 @@ def _reverse_pass_kernel(
     for i in tl.range(i_start, i_end, num_stages=STAGES):
         u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, stride_wi, stride_wj,
                          stride_wd, stride_wk, J, D, K, BLOCK_B, BLOCK_J, BLOCK_D, ACC, TF32)
-        c = _coupling(tl.sum(u_hat * v_sum, axis=2), J, BLOCK_J, LEAKY)
+        logits = tl.sum(u_hat * v_sum, axis=2)
+        if HAS_PRIOR:
+            logits += _load_prior(prior_ptr, i, stride_pi, stride_pj, J, BLOCK_J, ACC)
+        c = _coupling(logits, J, BLOCK_J, LEAKY)
         da = _softmax_backward(c, tl.sum(u_hat * ds, axis=2))
         acc += da[:, :, None] * u_hat
     tl.store(partial_ptr + pid_s * state_size + offs, acc, mask=mask)
@@ -226,18 +244,19 @@ def _reverse_pass_kernel(
 
 @triton.jit
 def _input_grad_kernel(
-    u_ptr, w_ptr, v_sums_ptr, ds_ptr, du_ptr, dw_ptr,
+    u_ptr, w_ptr, prior_ptr, v_sums_ptr, ds_ptr, du_ptr, dw_ptr, dprior_ptr,
     B, I, state_size, w_numel, i_per_prog, tiles_per_chunk,
-    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk,
+    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk, stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
-    R: tl.constexpr, FIRST_TERM: tl.constexpr, LEAKY: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr,
+    R: tl.constexpr, FIRST_TERM: tl.constexpr, HAS_PRIOR: tl.constexpr, PRIOR_GRAD: tl.constexpr, LEAKY: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Final backward sweep for a slice of i (axis 0) and a chunk of batch tiles (axis 1):
     du_hat from the small vectors (terms r = FIRST_TERM .. R-1), then du (each (b, i) written
     once) and this chunk's dW, accumulated over its batch tiles in a fixed order into its row of
     dw_ptr, laid out [n_chunks, K, I, J, D] so that each k-slice is a contiguous [J, D] block.
-    ds row t holds ds^(FIRST_TERM + t)."""
+    With PRIOR_GRAD also this chunk's dprior = sum_b sum_r da^(r), the same way, into its row of
+    dprior_ptr ([n_chunks, I, J]). ds row t holds ds^(FIRST_TERM + t)."""
     pid_i = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
@@ -258,17 +277,37 @@ def _input_grad_kernel(
             u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, stride_wi, stride_wj,
                              stride_wd, stride_wk, J, D, K, BLOCK_B, BLOCK_J, BLOCK_D, ACC, TF32)
             du_hat = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
+            if PRIOR_GRAD:
+                da_sum = tl.zeros((BLOCK_B, BLOCK_J), dtype=ACC)  # sum_r da^(r): the prior is in every b^(r)
+            if HAS_PRIOR:
+                prior = _load_prior(prior_ptr, i, stride_pi, stride_pj, J, BLOCK_J, ACC)
             for r in tl.static_range(FIRST_TERM, R):
                 ds = tl.load(ds_ptr + (r - FIRST_TERM) * state_size + offs, mask=mask, other=0.0)
-                if r == 0:
+                if r == 0 and not HAS_PRIOR:
                     du_hat += _uniform_coupling(J, BLOCK_J, LEAKY, ACC) * ds
+                elif r == 0:  # b^(0) = prior: no term through V^(0) = 0
+                    c = _coupling(prior, J, BLOCK_J, LEAKY)
+                    du_hat += c[:, :, None] * ds
+                    if PRIOR_GRAD:
+                        da_sum += _softmax_backward(c, tl.sum(u_hat * ds, axis=2))
                 else:
                     v_sum = tl.load(v_sums_ptr + (r - 1) * state_size + offs, mask=mask, other=0.0)
-                    c = _coupling(tl.sum(u_hat * v_sum, axis=2), J, BLOCK_J, LEAKY)
+                    logits = tl.sum(u_hat * v_sum, axis=2)
+                    if HAS_PRIOR:
+                        logits += prior
+                    c = _coupling(logits, J, BLOCK_J, LEAKY)
                     du_hat += c[:, :, None] * ds
                     if FIRST_TERM == 0:  # full gradient: through the softmax too
                         da = _softmax_backward(c, tl.sum(u_hat * ds, axis=2))
                         du_hat += da[:, :, None] * v_sum
+                        if PRIOR_GRAD:
+                            da_sum += da
+            if PRIOR_GRAD:  # padded samples have ds = 0, hence da = 0
+                dprior_ptrs = dprior_ptr + (pid_c * I + i) * J + offs_j
+                dprior = tl.sum(da_sum, axis=0)
+                if tile > first_tile:
+                    dprior += tl.load(dprior_ptrs, mask=offs_j < J, other=0.0)
+                tl.store(dprior_ptrs, dprior, mask=offs_j < J)
             # du_bik = sum_jd W_ijdk du_hat_bijd ; dW_ijdk += sum_b du_hat_bijd u_bik
             w_row = w_ptr + i * stride_wi + offs_j[:, None] * stride_wj + offs_d[None, :] * stride_wd
             u_row = u_ptr + offs_b * stride_ub + i * stride_ui
@@ -338,8 +377,13 @@ def _launch_setup(u: torch.Tensor, weight: torch.Tensor, input_precision: str):
     return cfg, state, batch * out_caps * out_dim, constants, _transposed(weight)
 
 
+def _prior_args(prior: torch.Tensor | None, placeholder: torch.Tensor):
+    """The prior pointer and strides a launch takes; a placeholder, never read, without one."""
+    return (prior, prior.stride()) if prior is not None else (placeholder, (0, 0))
+
+
 def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, iterations: int,
-                    leaky: bool, input_precision: str):
+                    leaky: bool, input_precision: str, prior: torch.Tensor | None = None):
     """Launch the R forward passes. Returns v [B, J, D] (input dtype), s_all [R, B, J, D] and
     v_sums [R-1, B, J, D] (V^(1) .. V^(R-1)), both in the state dtype."""
     batch, in_caps, _ = u.shape
@@ -352,26 +396,30 @@ def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=u.device)
     bias_arg = bias if bias is not None else s_all  # never read without HAS_BIAS
     bias_strides = bias.stride() if bias is not None else (0, 0)
+    prior_arg, prior_strides = _prior_args(prior, s_all)
     for r in range(iterations):
         _forward_pass_kernel[(cfg.n_tiles, cfg.n_splits)](
-            u, w_t, bias_arg, v, s_all, v_sums, partial, counter,
+            u, w_t, bias_arg, prior_arg, v, s_all, v_sums, partial, counter,
             batch, in_caps, state_size, r, cfg.i_per_split, cfg.n_splits,
-            *u.stride(), *w_strides, *bias_strides,
-            HAS_BIAS=bias is not None, LEAKY=leaky, FIRST=r == 0, LAST=r == iterations - 1, **constants,
+            *u.stride(), *w_strides, *bias_strides, *prior_strides,
+            HAS_BIAS=bias is not None, HAS_PRIOR=prior is not None, LEAKY=leaky, FIRST=r == 0, LAST=r == iterations - 1, **constants,
             num_warps=cfg.num_warps)
     return v, s_all, v_sums
 
 
 def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, s_all: torch.Tensor,
                      v_sums: torch.Tensor, iterations: int, leaky: bool, detach_routing: bool,
-                     input_precision: str):
-    """Gradients (du, dW, dbias) of v = routing(u, W, bias) for the incoming grad_v (any strides).
-    dbias is returned whether or not the forward had a bias (it is then simply unused)."""
+                     input_precision: str, prior: torch.Tensor | None = None):
+    """Gradients (du, dW, dbias, dprior) of v = routing(u, W, bias, prior) for the incoming grad_v
+    (any strides). dbias is returned whether or not the forward had a bias (it is then simply
+    unused); dprior is None without a prior and zeros under detach_routing."""
     batch, in_caps, in_dim = u.shape
     _, out_caps, out_dim, _ = weight.shape
     cfg, state, state_size, constants, (w_t, w_strides) = _launch_setup(u, weight, input_precision)
     first_term = iterations - 1 if (detach_routing or iterations == 1) else 0
     ds = torch.empty(iterations - first_term, batch, out_caps, out_dim, **state)
+    prior_arg, prior_strides = _prior_args(prior, ds)
+    prior_grad = prior is not None and not detach_routing
 
     if first_term == iterations - 1:
         _squash_backward_kernel[(cfg.n_tiles,)](
@@ -384,20 +432,26 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
         counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=u.device)
         for pass_index, r in enumerate(range(iterations - 1, 0, -1)):
             _reverse_pass_kernel[(cfg.n_tiles, cfg.n_splits)](
-                u, w_t, s_all, v_sums, grad_v, dv, ds, partial, counter,
+                u, w_t, prior_arg, s_all, v_sums, grad_v, dv, ds, partial, counter,
                 batch, in_caps, state_size, r, pass_index, cfg.i_per_split, cfg.n_splits,
-                *u.stride(), *w_strides, *grad_v.stride(),
-                TOP=r == iterations - 1, BOTTOM=r == 1, LEAKY=leaky, **constants, num_warps=cfg.num_warps)
+                *u.stride(), *w_strides, *grad_v.stride(), *prior_strides,
+                TOP=r == iterations - 1, BOTTOM=r == 1, HAS_PRIOR=prior is not None, LEAKY=leaky, **constants, num_warps=cfg.num_warps)
 
     grad_u = torch.empty(batch, in_caps, in_dim, dtype=u.dtype, device=u.device)
     # per chunk of batch tiles, dW laid out [K, I, J, D]: each k-slice a contiguous [J, D] block
     grad_w_partial = torch.empty(cfg.grad_chunks, in_dim, in_caps, out_caps, out_dim, **state)
+    # per chunk of batch tiles too, summed over the chunks in a fixed order like dW
+    grad_prior_partial = torch.empty(cfg.grad_chunks, in_caps, out_caps, **state) if prior_grad else grad_w_partial
     _input_grad_kernel[(cfg.grad_i_progs, cfg.grad_chunks)](
-        u, w_t, v_sums, ds, grad_u, grad_w_partial,
+        u, w_t, prior_arg, v_sums, ds, grad_u, grad_w_partial, grad_prior_partial,
         batch, in_caps, state_size, weight.numel(), cfg.grad_i_per_prog, cfg.grad_tiles_per_chunk,
-        *u.stride(), *w_strides,
-        R=iterations, FIRST_TERM=first_term, LEAKY=leaky, **constants, num_warps=cfg.grad_num_warps)
+        *u.stride(), *w_strides, *prior_strides,
+        R=iterations, FIRST_TERM=first_term, HAS_PRIOR=prior is not None, PRIOR_GRAD=prior_grad, LEAKY=leaky, **constants, num_warps=cfg.grad_num_warps)
     grad_w = grad_w_partial.sum(dim=0) if cfg.grad_chunks > 1 else grad_w_partial[0]
     grad_w = grad_w.permute(1, 2, 3, 0).to(weight.dtype).contiguous()
     grad_bias = ds.sum(dim=(0, 1)).to(u.dtype)
-    return grad_u, grad_w, grad_bias
+    if prior is None:
+        return grad_u, grad_w, grad_bias, None
+    if not prior_grad:
+        return grad_u, grad_w, grad_bias, torch.zeros_like(prior)
+    return grad_u, grad_w, grad_bias, grad_prior_partial.sum(dim=0).to(prior.dtype)

@@ -21,8 +21,11 @@ grad_batch_splits asks for them):
     du     = sum_r sum_j c^(r)_j Q^(r)_j + da^(r)_j P^(r)_j       (element-wise on the dot products)
     dW_j^T = sum_r (c^(r)_j u)^T @ ds^(r)_j + (da^(r)_j u)^T @ V^(r)_j
 
-with c^(0) = 1 / (J + leaky) and no da^(0). P and Q are computed twice per chunk (once for the
-logits, once for du), which costs less than keeping J of them live.
+with c^(0) = 1 / (J + leaky) and no da^(0) without a prior. A prior [I, J] joins every logit
+(logits = prior + u . P; c^(0) = softmax(prior), computed on [1, CHUNK] tiles and broadcast), and
+its gradient dprior = sum_r sum_b da^(r) (da^(0) too) is summed over the batch tiles of a program
+in registers and over the batch splits in a fixed order. P and Q are computed twice per chunk
+(once for the logits, once for du), which costs less than keeping J of them live.
 
 Precision of the fp32 dots (PREC): "ieee" exact fp32 products (FMA units); "tf32" operands
 rounded to nearest tf32, then one tensor-core product (Triton's own tf32 truncates, 5x the
@@ -139,6 +142,14 @@ def _load_u(u_ptr, row0, chunk, offs, row_ok, c, k, I, stride_ub, stride_ui, K: 
 
 
 @triton.jit
+def _load_prior(prior_ptr, chunk, j: tl.constexpr, I, stride_pi, stride_pj, CHUNK: tl.constexpr, ACC: tl.constexpr):
+    """[1, CHUNK] prior logits of output capsule j for the capsules of a chunk (0 outside)."""
+    c = tl.arange(0, CHUNK)
+    ptrs = prior_ptr + (tl.cast(chunk, tl.int64) * CHUNK + c) * stride_pi + j * stride_pj
+    return tl.load(ptrs, mask=c < I - chunk * CHUNK, other=0.0).to(ACC)[None, :]
+
+
+@triton.jit
 def _segment_sum(x, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
     """[BLOCK_B, columns] -> [BLOCK_B, CHUNK]: the sum over k of each capsule's columns."""
     return tl.sum(tl.sum(tl.reshape(x, (BLOCK_B, KA, CHUNK, KB)), axis=3), axis=1)
@@ -209,12 +220,14 @@ def _load_strided_tiles(ptr, row0, mask, stride_b, stride_j, stride_d, J: tl.con
 
 @triton.jit
 def _tc_forward_kernel(
-    u_ptr, w_ptr, bias_ptr, v_ptr, s_all_ptr, v_sums_ptr, partial_ptr, counter_ptr,
+    u_ptr, w_ptr, bias_ptr, prior_ptr, v_ptr, s_all_ptr, v_sums_ptr, partial_ptr, counter_ptr,
     B, I, state_size, r, chunks_per_split, n_splits,
     stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk, stride_bj, stride_bd,
+    stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
-    FIRST: tl.constexpr, LAST: tl.constexpr, HAS_BIAS: tl.constexpr, LEAKY: tl.constexpr, STAGES: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PRIOR: tl.constexpr, LEAKY: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Routing pass r for one batch tile (axis 0) and one slice of the chunks of capsules (axis 1)."""
     pid_b = tl.program_id(0)
@@ -237,7 +250,7 @@ def _tc_forward_kernel(
     chunk_end = tl.minimum(chunk_start + chunks_per_split, tl.cdiv(I, CHUNK))
     for chunk in tl.range(chunk_start, chunk_end, num_stages=STAGES):
         u = _load_u(u_ptr, row0, chunk, u_offs, row_ok, c1, k1, I, stride_ub, stride_ui, K, CHUNK).to(ACC)
-        if FIRST:  # c = 1 / (J + leaky) for every capsule: applied once, after the loop
+        if FIRST and not HAS_PRIOR:  # c = 1 / (J + leaky) for every capsule: applied once, after the loop
             for j in tl.static_range(J):
                 w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
                 acc = _set(acc, j, _dot(u, tl.trans(w), acc[j], PREC, OP))
@@ -246,10 +259,16 @@ def _tc_forward_kernel(
             # registers, next to the J accumulators, they would spill
             logits = ()
             for j in tl.static_range(J):
-                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
-                v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
-                p = _dot(v_sum, w, tl.zeros((BLOCK_B, KA * CHUNK * KB), dtype=ACC), PREC, OP)
-                logits = logits + (_segment_sum(u * p, BLOCK_B, CHUNK, KA, KB),)
+                if FIRST:  # b^(0) = prior, the same for every sample: [1, CHUNK] tiles
+                    logits = logits + (_load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC),)
+                else:
+                    w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+                    v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
+                    p = _dot(v_sum, w, tl.zeros((BLOCK_B, KA * CHUNK * KB), dtype=ACC), PREC, OP)
+                    logit = _segment_sum(u * p, BLOCK_B, CHUNK, KA, KB)
+                    if HAS_PRIOR:
+                        logit += _load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC)
+                    logits = logits + (logit,)
             c = _softmax(logits, J, LEAKY)
             for j in tl.static_range(J):
                 w = _load_w(w_ptr, chunk, j, w2_offs, c2, k2, I, stride_wi, stride_wj, K, D, DP, CHUNK)
@@ -264,7 +283,7 @@ def _tc_forward_kernel(
         d = tl.arange(0, DP)
         for j in tl.static_range(J):
             s = sum_partials(partial_ptr + state + j * D, n_splits, state_size, offs, mask)
-            if FIRST:
+            if FIRST and not HAS_PRIOR:
                 s = s / (J + LEAKY)
             if HAS_BIAS:
                 s += tl.load(bias_ptr + j * stride_bj + d * stride_bd, mask=d < D, other=0.0).to(ACC)[None, :]
@@ -301,12 +320,12 @@ def _tc_squash_backward_kernel(s_all_ptr, grad_v_ptr, ds_ptr, B, state_size, r, 
 
 @triton.jit
 def _tc_reverse_kernel(
-    u_ptr, w_ptr, s_all_ptr, v_sums_ptr, dv_ptr, ds_ptr, partial_ptr, counter_ptr,
+    u_ptr, w_ptr, prior_ptr, s_all_ptr, v_sums_ptr, dv_ptr, ds_ptr, partial_ptr, counter_ptr,
     B, I, state_size, r, pass_index, chunks_per_split, n_splits,
-    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk,
+    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk, stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
-    TOP: tl.constexpr, LEAKY: tl.constexpr, STAGES: tl.constexpr,
+    TOP: tl.constexpr, HAS_PRIOR: tl.constexpr, LEAKY: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Reverse pass r (R-1 >= r >= 1): dV^(r) = sum_i da^(r)_bij u_hat_bij for one batch tile and
     one slice of chunks, from ds^(r) (ds buffer row r, written before this pass). The last program
@@ -340,7 +359,10 @@ def _tc_reverse_kernel(
             w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
             v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
             ds = tl.load(ds_r_ptr + j * D + offs, mask=mask, other=0.0)
-            logits = logits + (_segment_sum(u * _dot(v_sum, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB),)
+            logit = _segment_sum(u * _dot(v_sum, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB)
+            if HAS_PRIOR:
+                logit += _load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC)
+            logits = logits + (logit,)
             dc = dc + (_segment_sum(u * _dot(ds, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB),)
         da = _softmax_backward(_softmax(logits, J, LEAKY), dc, J)
         for j in tl.static_range(J):
@@ -365,18 +387,20 @@ def _tc_reverse_kernel(
 
 @triton.jit
 def _tc_input_grad_kernel(
-    u_ptr, w_ptr, v_sums_ptr, ds_ptr, du_ptr, dw_ptr,
+    u_ptr, w_ptr, prior_ptr, v_sums_ptr, ds_ptr, du_ptr, dw_ptr, dprior_ptr,
     B, I, state_size, w_numel, tiles_per_prog,
-    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk,
+    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk, stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
-    R: tl.constexpr, FIRST_TERM: tl.constexpr, LEAKY: tl.constexpr, STAGES: tl.constexpr,
+    R: tl.constexpr, FIRST_TERM: tl.constexpr, HAS_PRIOR: tl.constexpr, PRIOR_GRAD: tl.constexpr,
+    LEAKY: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Final backward pass for one chunk of capsules (axis 0) and one run of batch tiles (axis 1):
     du of every (sample, capsule) of the chunk, written once, and this run's dW of the chunk,
     accumulated over its batch tiles and written once to row pid_g of dw_ptr ([G, I, J, D, K],
     contiguous). Terms r = FIRST_TERM .. R-1; ds row t holds ds^(FIRST_TERM + t). FULL (no
-    detach_routing): the gradient goes through the couplings too."""
+    detach_routing): the gradient goes through the couplings too. PRIOR_GRAD: this run's
+    dprior = sum_r sum_b da^(r) of the chunk's capsules into row pid_g of dprior_ptr ([G, I, J])."""
     chunk = tl.program_id(0)
     pid_g = tl.program_id(1)
     state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
@@ -390,6 +414,8 @@ def _tc_input_grad_kernel(
     # dW_j as [DP, columns] = ds_j^T @ (c u): M = DP keeps the accumulators unreplicated across warps
     # (as [columns, DP] with M = 32 the warps along M would hold copies: twice the registers)
     dw = _zeros(J, DP, KA * CHUNK * KB, ACC)
+    if PRIOR_GRAD:  # sum_r da^(r) per (sample row, capsule), reduced over the rows once, at the end
+        dprior = _zeros(J, BLOCK_B, CHUNK, ACC)
 
     first_tile = pid_g * tiles_per_prog
     last_tile = tl.minimum(first_tile + tiles_per_prog, tl.cdiv(B, BLOCK_B))
@@ -401,7 +427,26 @@ def _tc_input_grad_kernel(
         u = _load_u(u_ptr, row0, chunk, u_offs, row_ok, c1, k1, I, stride_ub, stride_ui, K, CHUNK).to(ACC)
         zero = tl.zeros((BLOCK_B, KA * CHUNK * KB), dtype=ACC)
         du = zero
-        if FIRST_TERM == 0:  # r = 0: uniform couplings 1 / (J + leaky), nothing through the softmax
+        if FIRST_TERM == 0 and HAS_PRIOR:  # r = 0: c^(0) = softmax(prior), nothing through V^(0) = 0
+            prior_logits = ()
+            for j in tl.static_range(J):
+                prior_logits = prior_logits + (_load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC),)
+            c = _softmax(prior_logits, J, LEAKY)
+            dc = ()
+            for j in tl.static_range(J):
+                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+                ds0 = tl.load(ds_ptr + state + j * D + offs, mask=mask, other=0.0)
+                q = _dot(ds0, w, zero, PREC, OP)
+                c_cols = _spread(c[j], BLOCK_B, CHUNK, KA, KB)
+                du += c_cols * q
+                dw = _set(dw, j, _dot(tl.trans(ds0), c_cols * u, dw[j], PREC, OP))
+                if PRIOR_GRAD:
+                    dc = dc + (_segment_sum(u * q, BLOCK_B, CHUNK, KA, KB),)
+            if PRIOR_GRAD:
+                da = _softmax_backward(c, dc, J)
+                for j in tl.static_range(J):
+                    dprior = _set(dprior, j, dprior[j] + da[j])
+        elif FIRST_TERM == 0:  # r = 0: uniform couplings 1 / (J + leaky), nothing through the softmax
             u0 = u / (J + LEAKY)  # a division: exact in fp64 too, where a Python-float 1/J would not be
             q_sum = zero
             for j in tl.static_range(J):
@@ -418,13 +463,19 @@ def _tc_input_grad_kernel(
             for j in tl.static_range(J):
                 w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
                 v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
-                logits = logits + (_segment_sum(u * _dot(v_sum, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB),)
+                logit = _segment_sum(u * _dot(v_sum, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB)
+                if HAS_PRIOR:
+                    logit += _load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC)
+                logits = logits + (logit,)
                 if FULL:
                     ds = tl.load(ds_r_ptr + j * D + offs, mask=mask, other=0.0)
                     dc = dc + (_segment_sum(u * _dot(ds, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB),)
             c = _softmax(logits, J, LEAKY)
             if FULL:
                 da = _softmax_backward(c, dc, J)
+                if PRIOR_GRAD:
+                    for j in tl.static_range(J):
+                        dprior = _set(dprior, j, dprior[j] + da[j])
             for j in tl.static_range(J):
                 w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
                 ds = tl.load(ds_r_ptr + j * D + offs, mask=mask, other=0.0)
@@ -446,6 +497,12 @@ def _tc_input_grad_kernel(
     for j in tl.static_range(J):
         tl.store(dw_base + j * (D * K) + dw_offs, dw[j].to(dw_ptr.dtype.element_ty),
                  mask=(d < D)[:, None] & col_ok[None, :])
+    if PRIOR_GRAD:  # padded rows and capsules have da = 0 (their ds or u is 0)
+        cap = tl.arange(0, CHUNK)
+        dprior_base = dprior_ptr + (tl.cast(pid_g, tl.int64) * I + tl.cast(chunk, tl.int64) * CHUNK) * J
+        for j in tl.static_range(J):
+            tl.store(dprior_base + cap * J + j, tl.sum(dprior[j], axis=0).to(dprior_ptr.dtype.element_ty),
+                     mask=cap < I - chunk * CHUNK)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -503,8 +560,13 @@ class _Config:
             KMAJOR=not half and u.dtype != torch.float64)
 
 
+def _prior_args(prior: torch.Tensor | None, placeholder: torch.Tensor):
+    """The prior pointer and strides a launch takes; a placeholder, never read, without one."""
+    return (prior, prior.stride()) if prior is not None else (placeholder, (0, 0))
+
+
 def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, iterations: int,
-                    leaky: bool, input_precision: str):
+                    leaky: bool, input_precision: str, prior: torch.Tensor | None = None):
     """Launch the R forward passes. Returns v [B, J, D] (input dtype), s_all [R, B, J, D] and
     v_sums [R-1, B, J, D] (V^(1) .. V^(R-1)), both in the state dtype."""
     batch, in_caps, _ = u.shape
@@ -518,20 +580,23 @@ def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=u.device)
     bias_arg = bias if bias is not None else s_all  # never read without HAS_BIAS
     bias_strides = bias.stride() if bias is not None else (0, 0)
+    prior_arg, prior_strides = _prior_args(prior, s_all)
     for r in range(iterations):
         _tc_forward_kernel[(cfg.n_tiles, cfg.n_splits)](
-            u, weight, bias_arg, v, s_all, v_sums, partial, counter,
+            u, weight, bias_arg, prior_arg, v, s_all, v_sums, partial, counter,
             batch, in_caps, batch * out_caps * out_dim, r, cfg.chunks_per_split, cfg.n_splits,
-            *u.stride(), *weight.stride(), *bias_strides,
-            FIRST=r == 0, LAST=r == iterations - 1, HAS_BIAS=bias is not None, LEAKY=leaky, **cfg.constants,
+            *u.stride(), *weight.stride(), *bias_strides, *prior_strides,
+            FIRST=r == 0, LAST=r == iterations - 1, HAS_BIAS=bias is not None, HAS_PRIOR=prior is not None,
+            LEAKY=leaky, **cfg.constants,
             num_warps=cfg.num_warps)
     return v, s_all, v_sums
 
 
 def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, s_all: torch.Tensor,
                      v_sums: torch.Tensor, iterations: int, leaky: bool, detach_routing: bool,
-                     input_precision: str):
-    """Gradients (du, dW, dbias) of v = routing(u, W, bias) for the incoming grad_v (any strides)."""
+                     input_precision: str, prior: torch.Tensor | None = None):
+    """Gradients (du, dW, dbias, dprior) of v = routing(u, W, bias, prior) for the incoming grad_v
+    (any strides); dprior is None without a prior and zeros under detach_routing."""
     batch, in_caps, in_dim = u.shape
     _, out_caps, out_dim, _ = weight.shape
     cfg = _Config(u, weight, input_precision)
@@ -539,6 +604,8 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
     state_size = batch * out_caps * out_dim
     first_term = iterations - 1 if (detach_routing or iterations == 1) else 0
     ds = torch.empty(iterations - first_term, batch, out_caps, out_dim, **state)
+    prior_arg, prior_strides = _prior_args(prior, ds)
+    prior_grad = prior is not None and not detach_routing
 
     # ds^(R-1) from the incoming gradient; each reverse pass r then leaves ds^(r-1) behind
     _tc_squash_backward_kernel[(cfg.n_tiles,)](
@@ -551,23 +618,31 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
         counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=u.device)
         for pass_index, r in enumerate(range(iterations - 1, 0, -1)):
             _tc_reverse_kernel[(cfg.n_tiles, cfg.n_splits)](
-                u, weight, s_all, v_sums, dv, ds, partial, counter,
+                u, weight, prior_arg, s_all, v_sums, dv, ds, partial, counter,
                 batch, in_caps, state_size, r, pass_index, cfg.chunks_per_split, cfg.n_splits,
-                *u.stride(), *weight.stride(),
-                TOP=r == iterations - 1, LEAKY=leaky, **cfg.constants, num_warps=cfg.num_warps)
+                *u.stride(), *weight.stride(), *prior_strides,
+                TOP=r == iterations - 1, HAS_PRIOR=prior is not None, LEAKY=leaky, **cfg.constants, num_warps=cfg.num_warps)
 
     grad_u = torch.empty(batch, in_caps, in_dim, dtype=u.dtype, device=u.device)
     if cfg.grad_splits == 1:  # written once, in the weight's dtype: no partials to sum
         grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     else:
         grad_w = torch.empty((cfg.grad_splits,) + tuple(weight.shape), **state)
+    grad_prior = grad_w  # a placeholder, never written without prior_grad
+    if prior_grad:  # as dW: written once in the prior's dtype, or partials summed in a fixed order
+        grad_prior = (torch.empty(in_caps, out_caps, dtype=prior.dtype, device=u.device) if cfg.grad_splits == 1
+                      else torch.empty(cfg.grad_splits, in_caps, out_caps, **state))
     _tc_input_grad_kernel[(cfg.n_chunks, cfg.grad_splits)](
-        u, weight, v_sums, ds, grad_u, grad_w,
+        u, weight, prior_arg, v_sums, ds, grad_u, grad_w, grad_prior,
         batch, in_caps, state_size, weight.numel(), cfg.grad_tiles_per_prog,
-        *u.stride(), *weight.stride(),
-        R=iterations, FIRST_TERM=first_term, LEAKY=leaky, **(cfg.constants | dict(BLOCK_B=cfg.grad_block_b)),
+        *u.stride(), *weight.stride(), *prior_strides,
+        R=iterations, FIRST_TERM=first_term, HAS_PRIOR=prior is not None, PRIOR_GRAD=prior_grad, LEAKY=leaky, **(cfg.constants | dict(BLOCK_B=cfg.grad_block_b)),
         num_warps=cfg.grad_num_warps)
     if cfg.grad_splits > 1:
         grad_w = grad_w.sum(dim=0).to(weight.dtype)  # a fixed order: deterministic
+        if prior_grad:
+            grad_prior = grad_prior.sum(dim=0).to(prior.dtype)
     grad_bias = ds.sum(dim=(0, 1)).to(u.dtype)
-    return grad_u, grad_w, grad_bias
+    if prior is None:
+        return grad_u, grad_w, grad_bias, None
+    return grad_u, grad_w, grad_bias, (grad_prior if prior_grad else torch.zeros_like(prior))

@@ -210,15 +210,17 @@ def recorded_kernels(monkeypatch):
     kernels = fastcaps.ops.routing._load_kernels()
     calls = []
 
-    def forward(u, weight, bias, iterations, leaky, input_precision, family):
+    def forward(u, weight, bias, iterations, leaky, input_precision, family, prior=None):
         calls.append(("forward", tuple(u.shape), tuple(weight.shape)))
-        v = fastcaps.reference.dynamic_routing(u, weight, iterations, bias=bias, leaky=leaky)
+        v = fastcaps.reference.dynamic_routing(u, weight, iterations, bias=bias, prior=prior, leaky=leaky)
         state = v.new_zeros(iterations, *v.shape, dtype=torch.float32)
         return v, state, state[1:].clone()
 
-    def backward(grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing, input_precision, family):
+    def backward(grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing, input_precision, family,
+                 prior=None):
         calls.append(("backward", tuple(u.shape), tuple(weight.shape)))
-        return torch.zeros_like(u), torch.zeros_like(weight), weight.new_zeros(weight.shape[1:3])
+        return (torch.zeros_like(u), torch.zeros_like(weight), weight.new_zeros(weight.shape[1:3]),
+                None if prior is None else torch.zeros_like(prior))
 
     monkeypatch.setattr(kernels, "routing_forward", forward)
     monkeypatch.setattr(kernels, "routing_backward", backward)

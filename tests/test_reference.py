@@ -166,6 +166,72 @@ def test_reference_routing_of_huge_activations_gives_unit_vectors():
     assert torch.isfinite(du).all() and torch.isfinite(dw).all()
 
 
+def test_prior_one_iteration_couples_by_softmax_of_the_prior():
+    """R = 1: c = softmax_j(prior_i.) exactly, the same for every sample."""
+    u = torch.randn(2, 5, 3, dtype=torch.float64)
+    weight = torch.randn(5, 4, 6, 3, dtype=torch.float64)
+    prior = torch.randn(5, 4, dtype=torch.float64)
+    u_hat = torch.einsum("ijdk,bik->bijd", weight, u)
+    c = torch.exp(prior) / torch.exp(prior).sum(dim=1, keepdim=True)
+    expected = fastcaps.squash((c[None, :, :, None] * u_hat).sum(1))
+    assert torch.allclose(reference.dynamic_routing(u, weight, 1, prior=prior), expected, rtol=1e-12)
+    # a zero prior is no prior (bitwise); leaky: the zero leak logit joins softmax(prior)
+    assert torch.equal(reference.dynamic_routing(u, weight, 3, prior=torch.zeros(5, 4, dtype=torch.float64)),
+                       reference.dynamic_routing(u, weight, 3))
+    leak = torch.exp(prior) / (1 + torch.exp(prior).sum(dim=1, keepdim=True))
+    assert torch.allclose(reference.dynamic_routing(u, weight, 1, prior=prior, leaky=True),
+                          fastcaps.squash((leak[None, :, :, None] * u_hat).sum(1)), rtol=1e-12)
+
+
+def _scalar_squash(s):  # D = 1: v = s |s| / (1 + s^2)
+    return s * abs(s) / (1 + s * s)
+
+
+def test_prior_two_iterations_by_hand():
+    """B = 1, I = J = 2, D = K = 1 in plain Python floats: b^(1) = prior + u_hat v^(0)."""
+    u_hat = [[0.5, -1.0], [2.0, 0.25]]  # u_hat_ij = W_ij u_i with u = (1, 2)
+    prior = [[0.3, -0.7], [1.1, 0.0]]
+
+    def softmax(row):
+        e = [math.exp(x) for x in row]
+        return [x / sum(e) for x in e]
+
+    c0 = [softmax(prior[i]) for i in range(2)]
+    v0 = [_scalar_squash(sum(c0[i][j] * u_hat[i][j] for i in range(2))) for j in range(2)]
+    c1 = [softmax([prior[i][j] + u_hat[i][j] * v0[j] for j in range(2)]) for i in range(2)]
+    v1 = [_scalar_squash(sum(c1[i][j] * u_hat[i][j] for i in range(2))) for j in range(2)]
+    u = torch.tensor([[[1.0], [2.0]]], dtype=torch.float64)
+    weight = torch.tensor([[[[0.5]], [[-1.0]]], [[[1.0]], [[0.125]]]], dtype=torch.float64)  # W_ij = u_hat_ij / u_i
+    v = reference.dynamic_routing(u, weight, 2, prior=torch.tensor(prior, dtype=torch.float64))
+    assert torch.allclose(v, torch.tensor([[[v1[0]], [v1[1]]]], dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+def test_prior_gradient_sums_over_batch_and_iterations():
+    """dL/dprior = sum over samples and iterations of dL/db^(r) (every b^(r) holds the prior once):
+    the same as the gradient of per-sample logit offsets summed over the batch; gradcheck; and
+    detach_routing detaches the prior (no gradient at all)."""
+    gen = torch.Generator().manual_seed(2)
+    u = torch.randn(3, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    prior = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, p: reference.dynamic_routing(a, b, 3, prior=p, leaky=True),
+                                    (u, weight, prior))
+    g = torch.randn(3, 3, 5, generator=gen, dtype=torch.float64)
+    (dprior,) = torch.autograd.grad(reference.dynamic_routing(u, weight, 3, prior=prior), prior, g)
+    per_sample = prior.detach().expand(3, 4, 3).clone().requires_grad_()  # b^(0) per sample
+    u_hat = torch.einsum("ijdk,bik->bijd", weight, u)
+    logits = per_sample
+    for r in range(3):
+        v = fastcaps.squash((torch.softmax(logits, -1).unsqueeze(-1) * u_hat).sum(1))
+        if r < 2:
+            logits = logits + (u_hat * v.unsqueeze(1)).sum(-1)
+    (d_per_sample,) = torch.autograd.grad(v, per_sample, g)
+    assert torch.allclose(dprior, d_per_sample.sum(0), rtol=1e-12)
+    v = reference.dynamic_routing(u, weight, 3, prior=prior, detach_routing=True)
+    v.sum().backward()
+    assert prior.grad is None and u.grad is not None
+
+
 def test_iterations_must_be_positive():
     with pytest.raises(ValueError, match="iterations"):
         reference.dynamic_routing(torch.zeros(1, 2, 3), torch.zeros(2, 2, 2, 3), 0)
@@ -194,6 +260,12 @@ def test_digit_caps_parameters():
     assert layer.weight.shape == (1152, 10, 16, 8) and layer.bias.shape == (10, 16)
     assert fastcaps.DigitCaps(1152, 8, 10, 16).bias is None
     assert sorted(fastcaps.DigitCaps(5, 2, 3, 4, bias=True).state_dict()) == ["bias", "weight"]
+    layer = fastcaps.DigitCaps(5, 2, 3, 4, prior=True)
+    assert layer.prior.shape == (5, 3) and torch.equal(layer.prior, torch.zeros(5, 3))  # b^(0) = 0: the paper
+    assert sorted(layer.state_dict()) == ["prior", "weight"]
+    assert fastcaps.DigitCaps(5, 2, 3, 4).prior is None
+    model = fastcaps.CapsNet(routing="eager", prior=True)
+    assert model.digit_caps.prior.shape == (1152, 10) and not model.digit_caps.prior.any()
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -205,6 +277,7 @@ def test_digit_caps_parameters():
     ({"leaky": "yes"}, TypeError, "leaky must be True or False"),
     ({"detach_routing": 1}, TypeError, "detach_routing must be True or False"),
     ({"bias": None}, TypeError, "bias must be True or False"),
+    ({"prior": 0}, TypeError, "prior must be True or False"),
 ])
 def test_digit_caps_constructor_rejects_bad_options(kwargs, error, match):
     options = {"in_caps": 5, "in_dim": 2, "out_caps": 3, "out_dim": 4} | kwargs

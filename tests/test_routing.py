@@ -372,10 +372,10 @@ def test_autocast_casts_like_a_matmul(kernel_device):
 
 def test_custom_ops_pass_opcheck(kernel_device, family):
     u, weight, bias, grad = make_inputs((3, 5, 3, 4, 2), torch.float32, kernel_device, bias=True)
-    v, s_all, v_sums = torch.ops.fastcaps.routing_forward(u, weight, bias, 3, False, "ieee", family)
-    torch.library.opcheck(torch.ops.fastcaps.routing_forward.default, (u, weight, bias, 3, False, "ieee", family))
+    v, s_all, v_sums = torch.ops.fastcaps.routing_forward(u, weight, bias, None, 3, False, "ieee", family)
+    torch.library.opcheck(torch.ops.fastcaps.routing_forward.default, (u, weight, bias, None, 3, False, "ieee", family))
     torch.library.opcheck(torch.ops.fastcaps.routing_backward.default,
-                          (grad, u, weight, s_all, v_sums, 3, False, False, "ieee", family))
+                          (grad, u, weight, None, s_all, v_sums, 3, False, False, "ieee", family))
 
 
 def test_compile_fullgraph_sees_one_op(kernel_device):
@@ -425,6 +425,163 @@ def test_cpu_without_interpreter_falls_back_with_one_warning():
     env["CUDA_VISIBLE_DEVICES"] = ""
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+# ------------------------------------------------------------------ prior logits (b^(0) = prior)
+
+def make_prior(in_caps, out_caps, dtype, device, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(in_caps, out_caps, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def fused_and_reference_with_prior(u, weight, bias, prior, grad, iterations, **options):
+    """v and the gradients of u, W, (bias,) prior from the fused op and the float64 reference;
+    a gradient is None where the op gives none (the prior under detach_routing)."""
+    def run(routing, leaves, g):
+        u_, w_, *rest = leaves
+        p_ = rest[-1]
+        v = routing(u_, w_, iterations, bias=rest[0] if bias is not None else None, prior=p_, **options)
+        return (v,) + torch.autograd.grad(v, leaves, g, allow_unused=True)
+
+    leaves = [t.detach().requires_grad_() for t in (u, weight) + ((bias,) if bias is not None else ()) + (prior,)]
+    outs = run(fastcaps.dynamic_routing, leaves, grad)
+    options.pop("input_precision", None)
+    refs = run(reference.dynamic_routing, [t.detach().double().cpu().requires_grad_() for t in leaves],
+               grad.double().cpu())
+    return outs, refs
+
+
+@pytest.mark.parametrize("shape", [(3, 37, 3, 7, 5), (3, 9, 10, 16, 8), (1, 1, 1, 1, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_prior_matches_reference_fp32(shape, iterations, kernel_device, family):
+    u, weight, bias, grad = make_inputs(shape, torch.float32, kernel_device, bias=True)
+    prior = make_prior(shape[1], shape[2], torch.float32, kernel_device)
+    outs, refs = fused_and_reference_with_prior(u, weight, bias, prior, grad, iterations)
+    for name, out, ref in zip(("v", "du", "dW", "dbias", "dprior"), outs, refs):
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert rel_err(out, ref) < TOL[torch.float32], name
+
+
+@pytest.mark.parametrize("options", [dict(leaky=True), dict(detach_routing=True), dict(leaky=True, detach_routing=True)],
+                         ids=["leaky", "detach", "leaky-detach"])
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_prior_options_fp64(options, iterations, kernel_device, family):
+    u, weight, bias, grad = make_inputs((4, 13, 5, 6, 3), torch.float64, kernel_device, bias=True)
+    prior = make_prior(13, 5, torch.float64, kernel_device)
+    outs, refs = fused_and_reference_with_prior(u, weight, bias, prior, grad, iterations, **options)
+    if options.get("detach_routing"):  # the logits are detached, prior included: no gradient
+        assert outs[-1] is None and refs[-1] is None
+        outs, refs = outs[:-1], refs[:-1]
+    for name, out, ref in zip(("v", "du", "dW", "dbias", "dprior"), outs, refs):
+        assert rel_err(out, ref) < TOL[torch.float64], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_prior_half_precision(dtype, kernel_device, family):
+    if dtype == torch.bfloat16 and kernel_device == "cpu":
+        pytest.skip("Triton's interpreter has no bfloat16")
+    u, weight, _, grad = make_inputs((3, 13, 10, 16, 8), dtype, kernel_device)
+    outs, refs = fused_and_reference_with_prior(u, weight, None, make_prior(13, 10, dtype, kernel_device), grad, 2)
+    for name, out, ref in zip(("v", "du", "dW", "dprior"), outs, refs):
+        assert out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], name
+
+
+def test_prior_gradcheck_fp64(kernel_device, family):
+    gen = torch.Generator().manual_seed(4)
+    u = torch.randn(2, 3, 2, generator=gen, dtype=torch.float64).to(kernel_device).requires_grad_()
+    weight = torch.randn(3, 3, 3, 2, generator=gen, dtype=torch.float64).to(kernel_device).requires_grad_()
+    prior = torch.randn(3, 3, generator=gen, dtype=torch.float64).to(kernel_device).requires_grad_()
+    for iterations, options in ((3, dict()), (3, dict(leaky=True)), (1, dict())):
+        assert torch.autograd.gradcheck(
+            lambda a, b, p: fastcaps.dynamic_routing(a, b, iterations, prior=p, **options),
+            (u, weight, prior), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("config", [0, 2], ids=["many-splits", "most-splits"])
+def test_prior_gradient_is_deterministic_and_written(config, kernel_device, family, monkeypatch):
+    """Every split of the batch reduction of dprior is written (torch.empty poisoned with NaN),
+    summed in a fixed order (bitwise equal runs) and right."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    u, weight, _, grad = make_inputs((33, 21, 3, 7, 5), torch.float64, kernel_device)
+    prior = make_prior(21, 3, torch.float64, kernel_device)
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    results = []
+    for _ in range(2):
+        with kernels.tuning(**LAUNCH_CONFIGS[family][config]):
+            results.append(fused_and_reference_with_prior(u, weight, None, prior, grad, 3))
+    (outs, refs), (again, _) = results
+    for name, out, ref, out2 in zip(("v", "du", "dW", "dprior"), outs, refs, again):
+        assert torch.equal(out, out2), name
+        assert rel_err(out, ref) < TOL[torch.float64], name
+
+
+def test_prior_sum_gradient_and_strided_prior(kernel_device, family):
+    """A transposed-view prior, and the stride-0 gradient of y.sum().backward()."""
+    u, weight, _, _ = make_inputs((5, 9, 3, 4, 6), torch.float64, kernel_device)
+    base = make_prior(3, 9, torch.float64, kernel_device)
+    prior = base.t().requires_grad_()  # [9, 3] with strides (1, 9)
+    assert not prior.is_contiguous()
+    u.requires_grad_()
+    fastcaps.dynamic_routing(u, weight, 3, prior=prior).sum().backward()
+    u_ref, p_ref = u.detach().cpu().requires_grad_(), base.t().detach().cpu().requires_grad_()
+    reference.dynamic_routing(u_ref, weight.cpu(), 3, prior=p_ref).sum().backward()
+    assert rel_err(prior.grad, p_ref.grad) < TOL[torch.float64]
+    assert rel_err(u.grad, u_ref.grad) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize("prior, error, match", [
+    (torch.zeros(3, 3), ValueError, r"prior \(the initial routing logits\) must be \[I, J\] = \(3, 2\), got \(3, 3\)"),
+    (torch.zeros(2, 3), ValueError, r"must be \[I, J\] = \(3, 2\), got \(2, 3\)"),
+    (torch.zeros(1, 3, 2), ValueError, r"\[I, J\] = \(3, 2\)"),
+    ([[0.0, 0.0]] * 3, ValueError, r"\[I, J\] = \(3, 2\), got list"),
+    (torch.zeros(3, 2, dtype=torch.float64), TypeError, "share one dtype.*prior: torch.float64"),
+    (torch.zeros(3, 2, dtype=torch.int64), TypeError, "prior has dtype torch.int64"),
+    (torch.zeros(3, 2, device="meta"), ValueError, "one device.*prior: meta"),
+])
+def test_bad_prior_is_rejected(prior, error, match):
+    with pytest.raises(error, match=match):
+        fastcaps.dynamic_routing(torch.zeros(2, 3, 5), torch.zeros(3, 2, 2, 5), 3, prior=prior)
+
+
+def test_prior_custom_ops_pass_opcheck(kernel_device, family):
+    u, weight, bias, grad = make_inputs((3, 5, 3, 4, 2), torch.float32, kernel_device, bias=True)
+    prior = make_prior(5, 3, torch.float32, kernel_device)
+    for detach in (False, True):
+        v, s_all, v_sums = torch.ops.fastcaps.routing_forward(u, weight, bias, prior, 2, False, "ieee", family)
+        torch.library.opcheck(torch.ops.fastcaps.routing_forward.default,
+                              (u, weight, bias, prior, 2, False, "ieee", family))
+        torch.library.opcheck(torch.ops.fastcaps.routing_backward.default,
+                              (grad, u, weight, prior, s_all, v_sums, 2, False, detach, "ieee", family))
+
+
+def test_learnable_prior_module(kernel_device, family):
+    """DigitCaps(prior=True) / FusedDigitCaps: a zero-initialised `prior` parameter that trains;
+    the two load each other's state_dict, and checkpoints without a prior load as before."""
+    eager = fastcaps.DigitCaps(11, 5, 3, 4, prior=True).double().to(kernel_device)
+    fused = fastcaps.FusedDigitCaps(11, 5, 3, 4, prior=True).double().to(kernel_device)
+    assert sorted(fused.state_dict()) == ["prior", "weight"] and not fused.prior.any()
+    with torch.no_grad():
+        eager.prior.normal_()
+    fused.load_state_dict(eager.state_dict())
+    u = torch.randn(4, 11, 5, dtype=torch.float64, device=kernel_device)
+    fused(u).square().sum().backward()
+    eager(u).square().sum().backward()
+    assert rel_err(fused.prior.grad, eager.prior.grad) < TOL[torch.float64]
+    assert rel_err(fused(u), eager(u)) < TOL[torch.float64]
+    plain = fastcaps.FusedDigitCaps(11, 5, 3, 4).double().to(kernel_device)
+    plain.load_state_dict(fastcaps.DigitCaps(11, 5, 3, 4).double().state_dict())
+    with pytest.raises(RuntimeError, match="prior"):  # a prior checkpoint does not silently lose it
+        plain.load_state_dict(eager.state_dict())
+    zero_prior = fastcaps.FusedDigitCaps(11, 5, 3, 4, prior=True).double().to(kernel_device)
+    zero_prior.load_state_dict(plain.state_dict() | {"prior": torch.zeros(11, 3, dtype=torch.float64)})
+    assert rel_err(zero_prior(u), plain(u)) < TOL[torch.float64]  # a zero prior routes as none (the paper)
 
 
 # ------------------------------------------------------------------ GPU only

@@ -45,6 +45,9 @@ class CapsNet(nn.Module):
     from it (28: 6x6x32 = 1152 input capsules; 36, MultiMNIST: 10x10x32 = 3200), and the
     decoder reconstructs S x S images.
 
+    prior: learnable initial routing logits of the digit capsules (DigitCaps(prior=True), zeros
+    after reset_parameters: the authors' routing starts at b = 0).
+
     routing: "fused" (FusedDigitCaps, the Triton op; on a CPU without the interpreter it falls
     back to the reference with a warning) or "eager" (DigitCaps, the reference loop). Both have
     the same parameters and state_dict keys, so checkpoints move freely between them.
@@ -56,7 +59,7 @@ class CapsNet(nn.Module):
 
     def __init__(self, routing: str = "fused", iterations: int = 3, num_classes: int = 10, *,
                  bias: bool = True, primary_scale: float = 1 / 32, leaky: bool = False,
-                 detach_routing: bool = False, input_size: int = 28):
+                 detach_routing: bool = False, input_size: int = 28, prior: bool = False):
         super().__init__()
         if input_size < 17:
             raise ValueError(f"input_size must be >= 17 (two 9x9 convolutions), got {input_size}")
@@ -71,8 +74,8 @@ class CapsNet(nn.Module):
         self.conv1 = nn.Conv2d(1, 256, kernel_size=9, stride=1)
         self.primary_caps = PrimaryCaps(256, caps_types=32, caps_dim=8, kernel_size=9, stride=2,
                                         scale=primary_scale)
-        self.digit_caps = digit_caps_cls(32 * grid * grid, 8, num_classes, 16, iterations, bias=bias, leaky=leaky,
-                                         detach_routing=detach_routing)
+        self.digit_caps = digit_caps_cls(32 * grid * grid, 8, num_classes, 16, iterations, bias=bias, prior=prior,
+                                         leaky=leaky, detach_routing=detach_routing)
         self.decoder = Decoder(num_classes * 16, (1, input_size, input_size))
         self.reset_parameters()
 
@@ -89,6 +92,8 @@ class CapsNet(nn.Module):
         for bias in (self.conv1.bias, self.primary_caps.conv.bias, self.digit_caps.bias):
             if bias is not None:
                 nn.init.constant_(bias, 0.1)
+        if self.digit_caps.prior is not None:
+            nn.init.zeros_(self.digit_caps.prior)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> CapsNetOutput:
         size = self.input_size

@@ -52,7 +52,7 @@ def _coupling(logits: torch.Tensor, leaky: bool) -> torch.Tensor:
 
 
 def dynamic_routing(u: torch.Tensor, weight: torch.Tensor, iterations: int = 3, *,
-                    bias: torch.Tensor | None = None, leaky: bool = False,
+                    bias: torch.Tensor | None = None, prior: torch.Tensor | None = None, leaky: bool = False,
                     detach_routing: bool = False) -> torch.Tensor:
     """Routing-by-agreement between input capsules u and output capsules v.
 
@@ -61,6 +61,8 @@ def dynamic_routing(u: torch.Tensor, weight: torch.Tensor, iterations: int = 3, 
         weight: [I, J, D, K], one transform per (input i, output j): u_hat_ij = W_ij u_i.
         iterations: R >= 1 routing iterations (the paper uses 3).
         bias: optional [J, D], added to s before the squash (the authors' code has one).
+        prior: optional [I, J], the initial routing logits b^(0) of every sample (default 0, the
+            paper); a learnable prior is trained through them.
         leaky: add a zero logit to the softmax that takes mass and is dropped.
         detach_routing: stop the gradient through the routing iterations but the last: the
             coupling coefficients of the last iteration are treated as constants, so the
@@ -70,8 +72,10 @@ def dynamic_routing(u: torch.Tensor, weight: torch.Tensor, iterations: int = 3, 
         v: [B, J, D], the output capsules of the last iteration.
 
     Per iteration r: c = softmax_j(b); s_j = sum_i c_ij u_hat_ij (+ bias_j); v_j = squash(s_j);
-    and, except after the last one, b_ij += u_hat_ij . v_j. b starts at 0. The gradient flows
-    through every iteration (through c and b too) unless detach_routing is set.
+    and, except after the last one, b_ij += u_hat_ij . v_j. b starts at prior (0 without one), the
+    same for every sample. The gradient flows through every iteration (through c and b too,
+    hence to the prior) unless detach_routing is set, which also detaches the prior (it then
+    gets no gradient).
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
@@ -79,6 +83,8 @@ def dynamic_routing(u: torch.Tensor, weight: torch.Tensor, iterations: int = 3, 
     u_hat = torch.einsum("ijdk,bik->bijd", weight, u)
     batch, in_caps, out_caps, _ = u_hat.shape
     logits = torch.zeros(batch, in_caps, out_caps, dtype=u_hat.dtype, device=u_hat.device)
+    if prior is not None:
+        logits = logits + prior  # b^(0)_bij = prior_ij for every sample b
     for r in range(iterations):
         last = r == iterations - 1
         if last and detach_routing:

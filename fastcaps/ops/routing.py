@@ -54,13 +54,13 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------- custom ops (opaque to compile)
 
 @torch.library.custom_op("fastcaps::routing_forward", mutates_args=())
-def _routing_forward_op(u: Tensor, weight: Tensor, bias: Optional[Tensor], iterations: int, leaky: bool,
-                        input_precision: str, kernels: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _load_kernels().routing_forward(u, weight, bias, iterations, leaky, input_precision, kernels)
+def _routing_forward_op(u: Tensor, weight: Tensor, bias: Optional[Tensor], prior: Optional[Tensor], iterations: int,
+                        leaky: bool, input_precision: str, kernels: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _load_kernels().routing_forward(u, weight, bias, iterations, leaky, input_precision, kernels, prior=prior)
 
 
 @_routing_forward_op.register_fake
-def _(u, weight, bias, iterations, leaky, input_precision, kernels):
+def _(u, weight, bias, prior, iterations, leaky, input_precision, kernels):
     batch, (_, out_caps, out_dim, _) = u.shape[0], weight.shape
     state_dtype = _state_dtype(u.dtype)
     return (u.new_empty(batch, out_caps, out_dim),
@@ -69,17 +69,21 @@ def _(u, weight, bias, iterations, leaky, input_precision, kernels):
 
 
 @torch.library.custom_op("fastcaps::routing_backward", mutates_args=())
-def _routing_backward_op(grad_v: Tensor, u: Tensor, weight: Tensor, s_all: Tensor, v_sums: Tensor,
-                         iterations: int, leaky: bool, detach_routing: bool,
-                         input_precision: str, kernels: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _load_kernels().routing_backward(grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing,
-                                     input_precision, kernels)
+def _routing_backward_op(grad_v: Tensor, u: Tensor, weight: Tensor, prior: Optional[Tensor], s_all: Tensor,
+                         v_sums: Tensor, iterations: int, leaky: bool, detach_routing: bool,
+                         input_precision: str, kernels: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(du, dW, dbias, dprior); dprior is [I, J] with a prior (zeros under detach_routing, which
+    detaches it), else an empty [0] (a custom op returns tensors, never None)."""
+    grad_u, grad_weight, grad_bias, grad_prior = _load_kernels().routing_backward(
+        grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing, input_precision, kernels, prior=prior)
+    return grad_u, grad_weight, grad_bias, (grad_prior if prior is not None else u.new_empty(0))
 
 
 @_routing_backward_op.register_fake
-def _(grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing, input_precision, kernels):
+def _(grad_v, u, weight, prior, s_all, v_sums, iterations, leaky, detach_routing, input_precision, kernels):
     _, out_caps, out_dim, _ = weight.shape
-    return u.new_empty(u.shape), weight.new_empty(weight.shape), u.new_empty(out_caps, out_dim)  # contiguous
+    return (u.new_empty(u.shape), weight.new_empty(weight.shape), u.new_empty(out_caps, out_dim),  # contiguous
+            u.new_empty(prior.shape if prior is not None else (0,)))
 
 
 # ---------------------------------------------------------------- autograd
@@ -91,24 +95,28 @@ class FusedRoutingFunction(torch.autograd.Function):
     u_hat at once into du and dW (deterministic: dW is reduced in a fixed order, no atomics)."""
 
     @staticmethod
-    def forward(u, weight, bias, iterations, leaky, detach_routing, input_precision, kernels):
-        return torch.ops.fastcaps.routing_forward(u, weight, bias, iterations, leaky, input_precision, kernels)
+    def forward(u, weight, bias, prior, iterations, leaky, detach_routing, input_precision, kernels):
+        return torch.ops.fastcaps.routing_forward(u, weight, bias, prior, iterations, leaky, input_precision,
+                                                  kernels)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, weight, bias, iterations, leaky, detach_routing, input_precision, kernels = inputs
+        u, weight, bias, prior, iterations, leaky, detach_routing, input_precision, kernels = inputs
         _, s_all, v_sums = output
-        ctx.save_for_backward(u, weight, s_all, v_sums)
+        ctx.save_for_backward(u, weight, prior, s_all, v_sums)
         ctx.mark_non_differentiable(s_all, v_sums)
         ctx.has_bias = bias is not None
+        # detach_routing detaches the prior with the logits (as the reference does): no gradient
+        ctx.prior_grad = prior is not None and not detach_routing
         ctx.options = (iterations, leaky, detach_routing, input_precision, kernels)  # the backward's family too
 
     @staticmethod
     def backward(ctx, grad_v, _grad_s, _grad_v_sums):
-        u, weight, s_all, v_sums = ctx.saved_tensors
-        grad_u, grad_weight, grad_bias = torch.ops.fastcaps.routing_backward(
-            grad_v, u, weight, s_all, v_sums, *ctx.options)
-        return grad_u, grad_weight, (grad_bias if ctx.has_bias else None), None, None, None, None, None
+        u, weight, prior, s_all, v_sums = ctx.saved_tensors
+        grad_u, grad_weight, grad_bias, grad_prior = torch.ops.fastcaps.routing_backward(
+            grad_v, u, weight, prior, s_all, v_sums, *ctx.options)
+        return (grad_u, grad_weight, (grad_bias if ctx.has_bias else None), (grad_prior if ctx.prior_grad else None),
+                None, None, None, None, None)
 
 
 # ---------------------------------------------------------------- functional API
@@ -138,7 +146,7 @@ def _default_kernels() -> str:
     return _load_kernels().family_name()
 
 
-def _check_inputs(u, weight, bias, iterations, leaky, detach_routing, input_precision, kernels):
+def _check_inputs(u, weight, bias, prior, iterations, leaky, detach_routing, input_precision, kernels):
     if not isinstance(u, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("u and weight must be tensors")
     if u.dim() != 3:
@@ -156,15 +164,20 @@ def _check_inputs(u, weight, bias, iterations, leaky, detach_routing, input_prec
         if not isinstance(bias, Tensor) or bias.shape != (out_caps, out_dim):
             raise ValueError(f"bias must be [J, D] = {(out_caps, out_dim)}, got "
                              f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
-    tensors = {"u": u, "weight": weight} | ({"bias": bias} if bias is not None else {})
+    if prior is not None:
+        if not isinstance(prior, Tensor) or prior.shape != (in_caps, out_caps):
+            raise ValueError(f"prior (the initial routing logits) must be [I, J] = {(in_caps, out_caps)}, got "
+                             f"{tuple(prior.shape) if isinstance(prior, Tensor) else type(prior).__name__}")
+    tensors = ({"u": u, "weight": weight} | ({"bias": bias} if bias is not None else {})
+               | ({"prior": prior} if prior is not None else {}))
     for name, t in tensors.items():
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
     if len({t.dtype for t in tensors.values()}) > 1:
-        raise TypeError("u, weight and bias must share one dtype, got "
+        raise TypeError("u, weight, bias and prior must share one dtype, got "
                         + ", ".join(f"{n}: {t.dtype}" for n, t in tensors.items()))
     if len({t.device for t in tensors.values()}) > 1:
-        raise ValueError("u, weight and bias must be on one device, got "
+        raise ValueError("u, weight, bias and prior must be on one device, got "
                          + ", ".join(f"{n}: {t.device}" for n, t in tensors.items()))
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
@@ -183,12 +196,14 @@ def _check_inputs(u, weight, bias, iterations, leaky, detach_routing, input_prec
 
 
 def dynamic_routing(u: Tensor, weight: Tensor, iterations: int = 3, *, bias: Tensor | None = None,
-                    leaky: bool = False, detach_routing: bool = False,
+                    prior: Tensor | None = None, leaky: bool = False, detach_routing: bool = False,
                     input_precision: str | None = None, kernels: str | None = None) -> Tensor:
     """Fused dynamic routing; same signature and semantics as fastcaps.reference.dynamic_routing.
 
-    u [B, I, K], weight [I, J, D, K], optional bias [J, D] -> v [B, J, D] in the input dtype
-    (float16, bfloat16, float32 or float64; arithmetic in fp32, fp64 for fp64 inputs).
+    u [B, I, K], weight [I, J, D, K], optional bias [J, D] and prior [I, J] (the initial routing
+    logits b^(0), 0 without one) -> v [B, J, D] in the input dtype (float16, bfloat16, float32 or
+    float64; arithmetic in fp32, fp64 for fp64 inputs). The prior's gradient is summed over the
+    batch and the iterations in a fixed order (deterministic); detach_routing detaches it.
 
     input_precision: how float32 inputs enter the products with W: "ieee" (exact fp32
     products), "tf32x3" (three tf32 tensor-core products per product, about fp32's accuracy)
@@ -212,8 +227,8 @@ def dynamic_routing(u: Tensor, weight: Tensor, iterations: int = 3, *, bias: Ten
         # since autocast is what makes u and weight agree, e.g. bf16 activations and fp32 weights)
         dtype = torch.get_autocast_dtype(device_type)
         cast = lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
-        u, weight, bias = cast(u), cast(weight), cast(bias)
-    _check_inputs(u, weight, bias, iterations, leaky, detach_routing, input_precision, kernels)
+        u, weight, bias, prior = cast(u), cast(weight), cast(bias), cast(prior)
+    _check_inputs(u, weight, bias, prior, iterations, leaky, detach_routing, input_precision, kernels)
     _load_kernels()  # the one clear error where Triton is missing
     if not kernels_available(u.device):
         global _fallback_warned
@@ -222,9 +237,8 @@ def dynamic_routing(u: Tensor, weight: Tensor, iterations: int = 3, *, bias: Ten
             warnings.warn(f"fastcaps.dynamic_routing: no Triton kernels for {u.device} tensors (they run on "
                           "CUDA, or on the CPU with TRITON_INTERPRET=1); using the eager reference.",
                           RuntimeWarning, stacklevel=2)
-        return reference.dynamic_routing(u, weight, iterations, bias=bias, leaky=leaky,
+        return reference.dynamic_routing(u, weight, iterations, bias=bias, prior=prior, leaky=leaky,
                                          detach_routing=detach_routing)
-    v, _, _ = FusedRoutingFunction.apply(u, weight, bias, iterations, leaky, detach_routing, input_precision,
+    v, _, _ = FusedRoutingFunction.apply(u, weight, bias, prior, iterations, leaky, detach_routing, input_precision,
                                          kernels or _default_kernels())
     return v
-
