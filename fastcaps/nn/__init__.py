@@ -1,0 +1,1 @@
+"""Capsule modules on top of the routing op."""

@@ -1,0 +1,1 @@
+"""The routing ops and their eager specifications."""
