@@ -278,3 +278,19 @@ def test_model_default_size():
     assert out.lengths.shape == (2, 10) and out.reconstruction.shape == (2, 1, 28, 28)
     with pytest.raises(ValueError, match="input_size must be >= 21"):
         ConvCapsNet(input_size=20)
+
+
+def test_saved_bytes_on_meta_are_those_of_real_runs(kernel_device):
+    """benchmarks/convcaps_memory.py counts on the meta device; here the same counts come from
+    real runs (eager on the CPU, fused on its kernels), and the fused count is the formula."""
+    from benchmarks import convcaps_memory as memory
+
+    args = dict(in_types=2, in_dim=3, out_types=3, out_dim=4, kernel_size=3, padding=1)
+    lines = memory.check({"tiny": (args, None)}, batch=2, size=4)
+    assert len(lines) == 2 and all("the same on the meta device" in line for line in lines)
+    for transform in TRANSFORMS:
+        layer = ConvCaps2d(**args, iterations=memory.ITERATIONS, transform=transform, bias=True)
+        fused = memory._measure(FusedConvCaps2d, args, transform, 2, 4, "meta")
+        assert fused == memory.fused_formula_bytes(layer, 2, 4, 4)
+        # the eager layer keeps at least one votes tensor [B, H', W', I, J, D]
+        assert memory._measure(ConvCaps2d, args, transform, 2, 4, "meta") > memory.votes_bytes(layer, 2, 4, 4)
