@@ -11,7 +11,8 @@ setup(
     description="Fused Triton kernels for dynamic routing in capsule networks",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=["fastcaps", "fastcaps.kernels", "fastcaps.benchmarks"],
+    packages=["fastcaps", "fastcaps.ops", "fastcaps.nn", "fastcaps.models", "fastcaps.data", "fastcaps.recipes",
+              "fastcaps.kernels", "fastcaps.benchmarks"],
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "tqdm"],
     extras_require={
@@ -22,5 +23,5 @@ setup(
         "viz": ["matplotlib"],
         "tensorboard": ["tensorboard"],
     },
-    entry_points={"console_scripts": ["fastcaps = fastcaps.cli:main"]},
+    entry_points={"console_scripts": ["fastcaps = fastcaps.recipes.cli:main"]},
 )

@@ -3,10 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import reference
-from ..layers import Decoder, DigitCaps
-from ..model import CapsNetOutput
-from ..nn.conv import ConvCaps2d, FusedConvCaps2d
+from ..nn import ConvCaps2d, Decoder, DigitCaps, FusedConvCaps2d, FusedDigitCaps
+from ..ops import reference
+from .capsnet import CapsNetOutput
 
 __all__ = ["ConvCapsNet"]
 
@@ -39,8 +38,7 @@ class ConvCapsNet(nn.Module):
         if input_size < 21:
             raise ValueError(f"input_size must be >= 21 (two 9x9 convolutions and a 3x3 window), got {input_size}")
         if routing == "fused":
-            from ..routing import FusedDigitCaps as digit_caps_cls
-            conv_caps_cls = FusedConvCaps2d
+            digit_caps_cls, conv_caps_cls = FusedDigitCaps, FusedConvCaps2d
         elif routing == "eager":
             digit_caps_cls, conv_caps_cls = DigitCaps, ConvCaps2d
         else:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..ops import conv_reference
+from ..ops.routing import dynamic_routing
 
 __all__ = ["ConvCaps2d", "FusedConvCaps2d", "unfold_capsules", "TRANSFORMS"]
 
@@ -160,8 +161,6 @@ class FusedConvCaps2d(ConvCaps2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .. import dynamic_routing  # imported here: the package imports this module first
-
         self._check_input(x)
         batch, height, width = x.shape[0], x.shape[3], x.shape[4]
         out_h, out_w = self.output_shape(height, width)

@@ -23,7 +23,7 @@ output types and add nothing to s (as with the public implementations' padded co
 import torch
 import torch.nn.functional as F
 
-from .. import reference
+from . import reference
 
 __all__ = ["TRANSFORMS", "output_size", "conv_caps_votes", "conv_caps2d"]
 

@@ -1,7 +1,7 @@
-"""Capsule layers: PrimaryCaps, DigitCaps (eager routing) and the CapsNet decoder.
+"""Capsule layers: PrimaryCaps, DigitCaps (eager routing), FusedDigitCaps (the fused op) and the decoder.
 
-FusedDigitCaps, the drop-in with the fused Triton routing, lives in fastcaps.routing and has
-the same constructor, parameters and state_dict keys as DigitCaps.
+FusedDigitCaps has the same constructor, parameters and state_dict keys as DigitCaps; only the
+routing function differs.
 """
 import math
 
@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
+from ..ops import reference
+from ..ops.routing import dynamic_routing
 
-__all__ = ["PrimaryCaps", "DigitCaps", "Decoder"]
+__all__ = ["PrimaryCaps", "DigitCaps", "FusedDigitCaps", "Decoder"]
 
 
 class PrimaryCaps(nn.Module):
@@ -87,6 +88,13 @@ class DigitCaps(nn.Module):
         return (f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, "
                 f"out_dim={self.out_dim}, iterations={self.iterations}, bias={self.bias is not None}, "
                 f"leaky={self.leaky}, detach_routing={self.detach_routing}")
+
+
+class FusedDigitCaps(DigitCaps):
+    """Drop-in for fastcaps.DigitCaps with the fused routing op: same constructor, parameters
+    and state_dict keys, so either module loads the other's state_dict."""
+
+    _routing = staticmethod(dynamic_routing)
 
 
 class Decoder(nn.Module):
