@@ -1,4 +1,6 @@
-"""What autograd saves for the backward of a convolutional capsule layer, eager vs fused: `python -m benchmarks.convcaps_memory`.
+"""Bytes autograd saves for the backward of a convolutional capsule layer, eager vs fused.
+
+`python -m benchmarks.convcaps_memory [--check]` prints the table of the README.
 
 Counted: every tensor that autograd packs for the backward during one training forward
 (torch.autograd.graph.saved_tensors_hooks), as unique storages (a view and its base count
@@ -145,7 +147,8 @@ def markdown(rows: list[dict]) -> str:
              "| one votes tensor MB |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['layer']} | {r['transform']} | {', '.join(map(str, r['routing_shape']))} | {r['batch']} "
-                     f"| {_mb(r['eager_bytes'])} | {_mb(r['fused_bytes'])} | {r['eager_bytes'] / r['fused_bytes']:.1f}x "
+                     f"| {_mb(r['eager_bytes'])} | {_mb(r['fused_bytes'])} "
+                     f"| {r['eager_bytes'] / r['fused_bytes']:.1f}x "
                      f"| {_mb(r['votes_bytes'])} |")
     return "\n".join(lines)
 

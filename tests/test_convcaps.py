@@ -1,4 +1,4 @@
-"""Convolutional capsule layers: the eager reference, ConvCaps2d and FusedConvCaps2d against it, the ConvCapsNet model."""
+"""Convolutional capsule layers: the eager reference, ConvCaps2d and FusedConvCaps2d against it, ConvCapsNet."""
 import sys
 
 import pytest
@@ -294,3 +294,24 @@ def test_saved_bytes_on_meta_are_those_of_real_runs(kernel_device):
         assert fused == memory.fused_formula_bytes(layer, 2, 4, 4)
         # the eager layer keeps at least one votes tensor [B, H', W', I, J, D]
         assert memory._measure(ConvCaps2d, args, transform, 2, 4, "meta") > memory.votes_bytes(layer, 2, 4, 4)
+
+
+def test_train_and_evaluate_the_convcaps_model(tmp_path):
+    """`fastcaps train --model convcaps` records the model in the checkpoint; evaluation rebuilds
+    ConvCapsNet from it; a resume with another --model is refused."""
+    from fastcaps.recipes.checkpoints import load_checkpoint, load_model
+    from fastcaps.recipes.errors import ConfigError
+    from fastcaps.recipes.train import parse_args, train
+
+    tiny = ["--model", "convcaps", "--routing", "eager", "--device", "cpu", "--batch", "4", "--train-subset", "8",
+            "--test-subset", "4", "--log-every", "1", "--out", str(tmp_path / "run")]
+    model = train(parse_args([*tiny, "--max-steps", "1"]))
+    assert isinstance(model, ConvCapsNet)
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert checkpoint["config"]["model"] == "convcaps"
+    loaded = load_model(checkpoint, "fused", torch.device("cpu"))
+    assert isinstance(loaded, ConvCapsNet) and isinstance(loaded.conv_caps, FusedConvCaps2d)
+    assert torch.equal(loaded.conv_caps.weight, model.conv_caps.weight)
+    capsnet = [arg for arg in tiny if arg not in ("--model", "convcaps")]
+    with pytest.raises(ConfigError, match=r"--model convcaps \(now capsnet\)"):
+        train(parse_args([*capsnet, "--max-steps", "2", "--resume"]))

@@ -1,4 +1,4 @@
-"""A small CapsNet with a convolutional capsule layer between the primary and the digit capsules (`--model convcaps`)."""
+"""A small CapsNet with a convolutional capsule layer between its primary and digit capsules (`--model convcaps`)."""
 import torch
 import torch.nn.functional as F
 from torch import nn

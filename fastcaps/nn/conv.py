@@ -1,4 +1,4 @@
-"""Convolutional capsule layers: dynamic routing over local windows, eager (ConvCaps2d) or on the fused op (FusedConvCaps2d).
+"""Convolutional capsule layers: dynamic routing over local windows, eager (ConvCaps2d) or fused (FusedConvCaps2d).
 
 Capsules are [B, T, K, H, W] (batch, capsule types, atoms, height, width), the layout of the
 authors' code (Sarasra/models research/capsules, `conv_slim_capsule`): a capsule type is a
