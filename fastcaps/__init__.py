@@ -6,14 +6,14 @@ data feeds the recipes. The names below are the public API.
 """
 import sys
 
-from .models import CapsNet, CapsNetOutput, capsnet_loss, margin_loss, reconstruction_loss
-from .nn import Decoder, DigitCaps, FusedDigitCaps, PrimaryCaps, convert_weight
+from .models import CapsNet, CapsNetOutput, ConvCapsNet, capsnet_loss, margin_loss, reconstruction_loss
+from .nn import ConvCaps2d, Decoder, DigitCaps, FusedConvCaps2d, FusedDigitCaps, PrimaryCaps, convert_weight
 from .ops import dynamic_routing, kernels_available, reference, squash
 
 __version__ = "0.1.0"
 __all__ = ["dynamic_routing", "squash", "reference", "kernels_available", "PrimaryCaps", "DigitCaps",
            "FusedDigitCaps", "Decoder", "convert_weight", "CapsNet", "CapsNetOutput", "margin_loss",
-           "reconstruction_loss", "capsnet_loss", "export_onnx"]
+           "reconstruction_loss", "capsnet_loss", "export_onnx", "ConvCaps2d", "FusedConvCaps2d", "ConvCapsNet"]
 
 # `import fastcaps.reference` keeps working: the eager spec's public name since fastcaps 0.1
 sys.modules[f"{__name__}.reference"] = reference

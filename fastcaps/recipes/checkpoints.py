@@ -2,7 +2,8 @@
 
 - `load_checkpoint`: `torch.load(weights_only=True)` (a crafted pickle cannot run code), then
   the format, the configuration and the tensor shapes are checked before anything is used.
-- `load_model`: the CapsNet of a checkpoint, with its architecture and routing iterations.
+- `load_model`: the model of a checkpoint (`build_model`: CapsNet or ConvCapsNet), with its
+  architecture and routing iterations.
 """
 import errno
 import math
@@ -12,14 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models import AUTHORS_ARCH, LEGACY_ARCH, CapsNet
+from ..models import AUTHORS_ARCH, LEGACY_ARCH, CapsNet, ConvCapsNet
 from .errors import CheckpointError
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "load_checkpoint", "check_model_state", "load_model",
-           "rng_state", "set_rng_state", "check_optimizer_state"]
+           "MODELS", "build_model", "rng_state", "set_rng_state", "check_optimizer_state"]
 
 CHECKPOINT_FORMAT = "fastcaps-train-checkpoint"
 CHECKPOINT_VERSION = 1
+# `fastcaps train --model`, recorded in the checkpoint's config ("model"; absent: capsnet)
+MODELS = ("capsnet", "convcaps")
 
 
 # key -> accepted types of the training state; anything else is not a checkpoint of ours
@@ -86,6 +89,8 @@ def load_checkpoint(path) -> dict:
             math.isfinite(config[k]) for k in ("lr", "lr_decay", "min_lr")):
         raise CheckpointError(f"{bad} (damaged: invalid config {config})")
     # --dataset multimnist (absent: mnist) evaluates config["test_pairs"] pairs per test digit
+    if config.get("model", "capsnet") not in MODELS:
+        raise CheckpointError(f"{bad} (damaged: unknown model {config['model']!r} in its config)")
     dataset = config.get("dataset", "mnist")
     if dataset not in ("mnist", "multimnist") or dataset == "multimnist" and not (
             type(config.get("test_pairs")) is int and config["test_pairs"] >= 1):
@@ -115,16 +120,25 @@ def check_model_state(state: dict, model: torch.nn.Module, path) -> None:
                                   f"this CapsNet has {list(tensor.shape)}")
 
 
+def build_model(name: str, routing: str, iterations: int, input_size: int = 28, arch: dict = AUTHORS_ARCH):
+    """The model `fastcaps train --model NAME` trains: "capsnet", CapsNet with `arch`, or
+    "convcaps", ConvCapsNet (which has no variants)."""
+    if name == "convcaps":
+        return ConvCapsNet(routing=routing, iterations=iterations, input_size=input_size)
+    return CapsNet(routing=routing, iterations=iterations, input_size=input_size, **arch)
+
+
 def load_model(checkpoint: dict, routing: str, device, path="checkpoint", input_size: int = 28) -> CapsNet:
-    """The CapsNet of a training checkpoint (from load_checkpoint), with its number of routing
-    iterations and its architecture (checkpoints of fastcaps 0.1 have none: theirs is
+    """The model of a training checkpoint (from load_checkpoint), with its number of routing
+    iterations and its architecture (a CapsNet checkpoint of fastcaps 0.1 has none: it is
     LEGACY_ARCH), for input_size x input_size images (MultiMNIST: 36); a CheckpointError if its
-    tensors do not fit this CapsNet."""
+    tensors do not fit this model."""
     config = checkpoint["config"]
+    name = config.get("model", "capsnet")
     arch = config.get("arch", LEGACY_ARCH)
-    if arch not in (AUTHORS_ARCH, LEGACY_ARCH):
+    if name == "capsnet" and arch not in (AUTHORS_ARCH, LEGACY_ARCH):
         raise CheckpointError(f"not a fastcaps checkpoint: {path} (damaged: unknown model architecture {arch!r})")
-    model = CapsNet(routing=routing, iterations=config["iterations"], input_size=input_size, **arch).to(device)
+    model = build_model(name, routing, config["iterations"], input_size, arch).to(device)
     check_model_state(checkpoint["model"], model, path)
     model.load_state_dict(checkpoint["model"])
     return model.eval()

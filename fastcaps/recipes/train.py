@@ -51,8 +51,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..models import AUTHORS_ARCH, CapsNet, capsnet_loss
 from . import speed
-from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, check_model_state, check_optimizer_state,
-                          load_checkpoint, rng_state, set_rng_state)
+from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, build_model, check_model_state,
+                          check_optimizer_state, load_checkpoint, rng_state, set_rng_state)
 from .console import fmt_time, printer, progress_bar
 from .datasets import MNISTData, MultiMNISTData
 from .devices import all_sum, resolve_routing, setup_processes, sync
@@ -76,10 +76,10 @@ def global_batch_slice(epoch_step: int, batch: int, rank: int, world: int) -> sl
 
 def _check_resume(checkpoint: dict, args, device):
     saved = checkpoint["config"]
-    if saved.get("arch") != AUTHORS_ARCH:
+    saved = {"dataset": "mnist", "model": "capsnet"} | saved  # from before --dataset / --model
+    if saved["model"] == "capsnet" and saved.get("arch") != AUTHORS_ARCH:
         raise ConfigError("cannot resume: the checkpoint holds a model of fastcaps 0.1 (no bias on the digit "
                           "capsules, unscaled primary capsules); `fastcaps evaluate` still reads it")
-    saved = {"dataset": "mnist"} | saved  # checkpoints from before --dataset are MNIST ones
     changed = [f"--{k.replace('_', '-')} {saved[k]} (now {getattr(args, k)})" for k in RECIPE
                if saved[k] != getattr(args, k)]
     if changed:
@@ -167,7 +167,7 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
 
     torch.manual_seed(args.seed)  # the same initial weights on every process
     model = speed.apply_memory_format(
-        CapsNet(routing=routing, iterations=args.iterations, input_size=data.input_size, **AUTHORS_ARCH).to(device),
+        build_model(args.model, routing, args.iterations, data.input_size).to(device),
         args)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda" or None)
     steps_per_epoch = data.train_size // args.batch  # the last partial batch of an epoch is dropped
@@ -238,12 +238,14 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
         # run started over with --overwrite, all of the old run's
         log = MetricsLog(metrics_path, out / "tensorboard" if args.tensorboard else None,
                          purge_step=step + 1 if checkpoint is not None else 0)
-    say(f"training CapsNet ({routing} routing, {args.iterations} iterations) on {device} x {world}: {args.dataset}, "
-        f"{data.train_size} images, batch {args.batch}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}"
-        f"; {speed.describe(args)}")
+    say(f"training {type(model).__name__} ({routing} routing, {args.iterations} iterations) on {device} x {world}: "
+        f"{args.dataset}, {data.train_size} images, batch {args.batch}, {steps_per_epoch} steps/epoch, "
+        f"steps {step} -> {total_steps}; {speed.describe(args)}")
     if step >= total_steps:
         say(f"nothing to do: the checkpoint is at step {step}")
         return model
+
+    arch = AUTHORS_ARCH if args.model == "capsnet" else None  # ConvCapsNet has no variants
 
     def save_checkpoint():
         """last.pt for --resume; first makes sure that nothing non-finite is saved."""
@@ -253,7 +255,7 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
         save_atomic({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                      "config": {k: getattr(args, k) for k in RECIPE} | {"routing": routing,
                                                                          "device_type": device.type,
-                                                                         "arch": AUTHORS_ARCH,
+                                                                         "arch": arch,
                                                                          "test_pairs": args.test_pairs},
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,

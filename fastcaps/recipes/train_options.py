@@ -4,6 +4,7 @@ import math
 
 from ..data.multimnist import MAX_SHIFT, PAD
 from . import speed
+from .checkpoints import MODELS
 
 __all__ = ["FULL", "QUICK", "FULL_MULTIMNIST", "QUICK_MULTIMNIST", "RECIPE", "build_parser", "parse_args"]
 
@@ -30,8 +31,8 @@ QUICK_MULTIMNIST = QUICK | {"max_steps": 150, "out": "runs/multimnist-quick", "m
 
 
 # Options that change what is trained: a resumed run must keep them.
-RECIPE = ("dataset", "batch", "lr", "lr_decay", "lr_decay_steps", "min_lr", "schedule", "final_lr", "iterations",
-          "max_shift", "seed", "train_subset")
+RECIPE = ("dataset", "model", "batch", "lr", "lr_decay", "lr_decay_steps", "min_lr", "schedule", "final_lr",
+          "iterations", "max_shift", "seed", "train_subset")
 
 
 IMAGE_SIZE = 28
@@ -43,6 +44,10 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
                                "run the same command under `torchrun --nproc_per_node N`.")
     parser.add_argument("--dataset", choices=("mnist", "multimnist"), default="mnist",
                         help="mnist, or multimnist: pairs of overlapping digits, 36x36 (default mnist)")
+    parser.add_argument("--model", choices=MODELS, default="capsnet",
+                        help="capsnet: the paper's CapsNet; convcaps: ConvCapsNet, a convolutional capsule layer "
+                             "between the primary and the digit capsules (fastcaps/models/convcaps.py) "
+                             "(default capsnet)")
     parser.add_argument("--quick", action="store_true",
                         help=f"short CPU run (~3 min on 2 idle cores, ~96%% test accuracy): {QUICK}")
     parser.add_argument("--epochs", type=int, help=f"epochs (default {FULL['epochs']})")
