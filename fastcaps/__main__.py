@@ -1,6 +1,6 @@
 """`python -m fastcaps ...`: the `fastcaps` command."""
 import sys
 
-from .cli import main
+from .recipes.cli import main
 
 sys.exit(main())

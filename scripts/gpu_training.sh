@@ -12,7 +12,7 @@
 # stays under 10 minutes, so the phases can go in separate calls: `bash scripts/gpu_training.sh main`.
 # TRAIN_FLAGS adds options to the main and table1 runs (e.g. TRAIN_FLAGS="--compile --bf16" once
 # the throughput phase has shown that setting to be fastest); the default is the GPU default
-# of fastcaps/speed.py (channels_last, fp32 with TF32 convolutions, no compile).
+# of fastcaps/recipes/speed.py (channels_last, fp32 with TF32 convolutions, no compile).
 #
 # The main runs use --schedule end-low over 50 epochs, the short variant: the authors' 300k steps
 # (~640 epochs, ~29 min each) do not fit the device budget. The device image has torch and

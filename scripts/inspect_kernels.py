@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 import triton
@@ -38,21 +39,24 @@ TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 class _Capture:
     """Stands in for a JITFunction: records launches instead of running them."""
 
-    def __init__(self, fn, launches):
-        self.fn, self.launches = fn, launches
+    def __init__(self, fn, launches, keep_args):
+        self.fn, self.launches, self.keep_args = fn, launches, keep_args
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches.append((self.fn, grid, args, kwargs))
+            self.launches.append((self.fn, grid, args, kwargs) if self.keep_args else (self.fn, grid))
         return launch
 
 
 @contextlib.contextmanager
-def capture_launches():
+def capture_launches(keep_args=True):
+    """Inside, every kernel launch of both families is recorded in the yielded list instead of
+    run: (JITFunction, grid, args, kwargs), or (JITFunction, grid) without keep_args (which then
+    holds no reference to the launch's tensors, as a real launch holds none)."""
     launches = []
     saved = {(module, name): getattr(module, name) for module, names in KERNELS.items() for name in names}
     for (module, name), fn in saved.items():
-        setattr(module, name, _Capture(fn, launches))
+        setattr(module, name, _Capture(fn, launches, keep_args))
     try:
         yield launches
     finally:
@@ -90,7 +94,8 @@ def _tool(name):
 
 def report(name, compiled, dump):
     """Write the TTGIR, PTX, cubin and SASS of one compiled kernel to `dump`; return its numbers:
-    registers, stack (spills), shared memory, layout conversions and the SASS instruction mix."""
+    registers, stack (spills), shared memory, layout conversions, the SASS instruction mix and
+    the path of the SASS file."""
     os.makedirs(dump, exist_ok=True)
     for kind in ("ttgir", "ptx"):
         with open(os.path.join(dump, f"{name}.{kind}"), "w") as f:
@@ -105,7 +110,8 @@ def report(name, compiled, dump):
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
     record = dict(kernel=name, regs=int(regs.group(1)) if regs else -1, stack=int(stack.group(1)) if stack else -1,
-                  shared=compiled.metadata.shared, cvt=compiled.asm["ttgir"].count("convert_layout"))
+                  shared=compiled.metadata.shared, cvt=compiled.asm["ttgir"].count("convert_layout"),
+                  sass=os.path.join(dump, f"{name}.sass"))
     for op, pattern in (("LDL/STL", r"\b(?:LDL|STL)\b"), ("LDS/STS", r"\b(?:LDS|STS)"), ("BAR", r"BAR\.SYNC"),
                         ("FFMA", r"\bFFMA\b"), ("HMMA", r"\bHMMA"), ("HGMMA", r"\bHGMMA"), ("DMMA", r"\bDMMA"),
                         ("LDG", r"\bLDG"), ("SHFL", r"\bSHFL"), ("instr", r"^\s+/\*[0-9a-f]+\*/")):
@@ -114,16 +120,19 @@ def report(name, compiled, dump):
 
 
 def format_record(record):
-    fixed = ("kernel", "regs", "stack", "shared", "cvt")
+    fixed = ("kernel", "regs", "stack", "shared", "cvt", "sass", "function", "constants", "compile_s")
     return (f"{record['kernel']:34} regs {record['regs']:>4} stack {record['stack']:>5} shared {record['shared']:6} "
             f"| cvt {record['cvt']:3} | " + " ".join(f"{op} {n}" for op, n in record.items() if op not in fixed))
 
 
 def compile_launches(batch, shape, dtype, precision, kernels="tc", iterations=3, overrides=None, arch=90, sms=132,
-                     options=(), dump=None, only=None):
+                     options=(), dump=None, only=None, skip=()):
     """Compile, for sm_`arch`, every distinct kernel specialisation that the launchers produce
     for one problem (forward, then backward with the given options, e.g. ("leaky",
-    "detach_routing")). Yields (name, grid, record)."""
+    "detach_routing")), except those named in `skip` and, with `only`, those whose names contain
+    none of its parts. Yields (name, grid, record); the record also names the @triton.jit
+    function, its integer and boolean constexprs (the launch's BLOCK sizes, flags) and the
+    seconds the compilation took."""
     in_caps, out_caps, out_dim, in_dim = shape
     u = torch.randn(batch, in_caps, in_dim, dtype=dtype)
     weight = torch.randn(in_caps, out_caps, out_dim, in_dim, dtype=dtype)
@@ -147,10 +156,17 @@ def compile_launches(batch, shape, dtype, precision, kernels="tc", iterations=3,
     for fn, grid, largs, lkwargs in launches:
         flags = ",".join(f"{key}" for key, value in lkwargs.items() if value is True)
         name = f"{fn.__name__.strip('_').replace('_kernel', '')}[{flags}]"
-        if name in seen or (only and not any(part in name for part in only)):
+        if name in seen or name in skip or (only and not any(part in name for part in only)):
             continue
         seen.add(name)
-        yield name, grid, report(name, compile_launch(fn, largs, dict(lkwargs), arch), dump)
+        start = time.perf_counter()
+        compiled = compile_launch(fn, largs, dict(lkwargs), arch)
+        record = report(name, compiled, dump)
+        record.update(function=fn.__name__, compile_s=round(time.perf_counter() - start, 2),
+                      constants={key: value for key, value in lkwargs.items()
+                                 if isinstance(value, (bool, int)) and key not in ("num_warps", "num_stages")})
+        record["constants"]["num_warps"] = lkwargs.get("num_warps", 4)
+        yield name, grid, record
 
 
 def main(argv=None):

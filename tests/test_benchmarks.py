@@ -24,7 +24,8 @@ STEM = harness.device_slug(harness.environment(DEVICE))
 
 def _run(args, timeout=240):
     # one thread: on a 2-core runner OpenMP's overhead makes the small eager ops 10-50x slower
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # and none of an xdist worker's variables: pytest-benchmark disables itself inside xdist
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")} | {"OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -234,7 +235,7 @@ def test_report_of_a_gpu_like_result(tmp_path):
 
 def test_pytest_benchmark_suite_runs(tmp_path):
     bench_json = tmp_path / "bench.json"
-    _run(["-m", "pytest", "benchmarks/", "--benchmark-only", "-k", "eager and fwd and float32",
+    _run(["-m", "pytest", "-p", "no:xdist", "benchmarks/", "--benchmark-only", "-k", "eager and fwd and float32",
           "--routing-batches", "2", "--routing-seconds", "0.01", "--benchmark-json", str(bench_json),
           "-p", "no:cacheprovider", "-q"])
     benches = json.loads(bench_json.read_text())["benchmarks"]

@@ -18,11 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastcaps.train
-from fastcaps.cli import main as cli_main
-from fastcaps.runio import (CheckpointError, ConfigError, RunLock, TrainingStopped, load_checkpoint, read_metrics,
-                            run_reporting_errors, write_atomic)
-from fastcaps.train import parse_args, train
+import fastcaps.recipes.devices
+import fastcaps.recipes.train
+from fastcaps.recipes.checkpoints import load_checkpoint
+from fastcaps.recipes.cli import main as cli_main
+from fastcaps.recipes.errors import CheckpointError, ConfigError, TrainingStopped, run_reporting_errors
+from fastcaps.recipes.runs import RunLock, read_metrics, write_atomic
+from fastcaps.recipes.train import parse_args, train
 
 TINY = ["--routing", "eager", "--device", "cpu", "--batch", "4", "--train-subset", "12", "--test-subset", "10",
         "--log-every", "1"]  # 3 steps per epoch
@@ -129,7 +131,7 @@ def test_a_second_run_on_a_locked_folder_refuses(tmp_path, capsys):
 
 
 def test_the_lock_excludes_another_process(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastcaps.runio import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastcaps.recipes.runs import RunLock; "
                                "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)",
                                str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -289,12 +291,12 @@ def test_a_loss_that_is_no_longer_finite_stops_the_run_and_keeps_the_last_good_c
     for name in ("last.pt", "metrics.jsonl"):
         (folder / name).write_bytes((run3 / name).read_bytes())
     before = (folder / "last.pt").read_bytes()
-    real_loss = fastcaps.train.capsnet_loss
+    real_loss = fastcaps.recipes.train.capsnet_loss
 
     def nan_loss(*args):
         loss, margin, recon = real_loss(*args)
         return loss * float("nan"), margin, recon
-    monkeypatch.setattr(fastcaps.train, "capsnet_loss", nan_loss)
+    monkeypatch.setattr(fastcaps.recipes.train, "capsnet_loss", nan_loss)
     code, _, err = run_cli(["train", *TINY, "--out", str(folder), "--max-steps", "6", "--resume"], capsys)
     line = one_line_error(err, "fastcaps train")
     assert code == 1 and "training stopped at step 4: the training loss is nan over steps 4-4" in line
@@ -305,11 +307,11 @@ def test_a_loss_that_is_no_longer_finite_stops_the_run_and_keeps_the_last_good_c
 def test_time_checkpoints_and_a_stop_request_resume_bitwise(tmp_path, monkeypatch):
     straight = train(tiny_args(tmp_path / "a", "--max-steps", "5"))
     saved = []
-    real_save = fastcaps.train.save_atomic
-    monkeypatch.setattr(fastcaps.train, "save_atomic", lambda obj, path: (saved.append(obj["step"]),
+    real_save = fastcaps.recipes.train.save_atomic
+    monkeypatch.setattr(fastcaps.recipes.train, "save_atomic", lambda obj, path: (saved.append(obj["step"]),
                                                                           real_save(obj, path)))
 
-    class StopAfterStep4(fastcaps.train._StopRequest):  # Ctrl-C during step 5, seen before step 5
+    class StopAfterStep4(fastcaps.recipes.train._StopRequest):  # Ctrl-C during step 5, seen before step 5
         checks = 0
 
         @property
@@ -320,7 +322,7 @@ def test_time_checkpoints_and_a_stop_request_resume_bitwise(tmp_path, monkeypatc
         @requested.setter
         def requested(self, value):
             pass
-    monkeypatch.setattr(fastcaps.train, "_StopRequest", StopAfterStep4)
+    monkeypatch.setattr(fastcaps.recipes.train, "_StopRequest", StopAfterStep4)
     # a checkpoint after every progress line: steps 1 and 2 (time), 3 (epoch end), 4 (the stop request)
     with pytest.raises(TrainingStopped, match="interrupted at step 4: the last checkpoint is .*step 4.* --resume"):
         train(tiny_args(tmp_path / "b", "--max-steps", "5", "--checkpoint-every-min", "1e-9"))
@@ -336,11 +338,11 @@ def test_a_stop_request_after_an_epoch_without_evaluation_resumes_bitwise(tmp_pa
     # saves a checkpoint at the start of epoch 2, which must resume with epoch 2's data order
     straight = train(tiny_args(tmp_path / "a", "--max-steps", "4", "--eval-every", "2"))
     saved = []
-    real_save = fastcaps.train.save_atomic
-    monkeypatch.setattr(fastcaps.train, "save_atomic", lambda obj, path: (saved.append(obj["step"]),
+    real_save = fastcaps.recipes.train.save_atomic
+    monkeypatch.setattr(fastcaps.recipes.train, "save_atomic", lambda obj, path: (saved.append(obj["step"]),
                                                                           real_save(obj, path)))
 
-    class StopBeforeStep4(fastcaps.train._StopRequest):
+    class StopBeforeStep4(fastcaps.recipes.train._StopRequest):
         checks = 0
 
         @property
@@ -351,7 +353,7 @@ def test_a_stop_request_after_an_epoch_without_evaluation_resumes_bitwise(tmp_pa
         @requested.setter
         def requested(self, value):
             pass
-    monkeypatch.setattr(fastcaps.train, "_StopRequest", StopBeforeStep4)
+    monkeypatch.setattr(fastcaps.recipes.train, "_StopRequest", StopBeforeStep4)
     with pytest.raises(TrainingStopped, match="interrupted at step 3"):
         train(tiny_args(tmp_path / "b", "--max-steps", "4", "--eval-every", "2"))
     assert saved == [3]
@@ -402,7 +404,7 @@ def test_interrupts_and_disk_errors_at_the_boundary(capsys):
 # ---------------------------------------------------------------------------- what runs, what is printed
 
 def test_fused_routing_where_the_kernels_cannot_run_is_recorded_as_eager(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(fastcaps.routing, "kernels_available", lambda device: False)
+    monkeypatch.setattr(fastcaps.recipes.devices, "kernels_available", lambda device: False)
     args = TINY[:]
     args[args.index("eager")] = "fused"
     code, out, _ = run_cli(["train", *args, "--out", str(tmp_path), "--max-steps", "1"], capsys)
@@ -448,7 +450,7 @@ def test_progress_bars_on_a_terminal_only(tmp_path):
     os.close(leader)
     assert child.wait(timeout=120) == 0
     text = b"".join(chunks).decode(errors="replace")
-    assert f"epoch 1/{fastcaps.train.FULL['epochs']}" in text and "\r" in text \
+    assert f"epoch 1/{fastcaps.recipes.train.FULL['epochs']}" in text and "\r" in text \
         and ("step/s" in text or "s/step" in text), text[-2000:]
     assert "evaluating" in text
 

@@ -94,7 +94,7 @@ CHECK_WITHOUT_TRITON = textwrap.dedent("""
     assert not fastcaps.kernels_available(torch.device("cpu"))
     try:
         fastcaps.dynamic_routing(torch.zeros(1, 2, 3), torch.zeros(2, 2, 2, 3))
-    except fastcaps.routing.TritonMissingError as err:
+    except fastcaps.ops.TritonMissingError as err:
         print("ERROR", err)
     v = fastcaps.reference.dynamic_routing(torch.zeros(1, 2, 3), torch.zeros(2, 2, 2, 3))
     print("eager", tuple(v.shape))

@@ -10,15 +10,18 @@ import json
 import pytest
 import torch
 
-import fastcaps.multimnist
-import fastcaps.routing
+import fastcaps.recipes.multimnist
+import fastcaps.ops.routing
 from fastcaps import CapsNet
 from fastcaps.data import load_mnist
-from fastcaps.evaluate import main as evaluate_main
-from fastcaps.model import CapsNetOutput
-from fastcaps.multimnist import (MAX_SHIFT, SIZE, MultiMNISTData, Pairs, PartnerSampler, draw_shifts,
-                                 fixed_test_index, make_pairs, multimnist_loss, pair_hits, place_digits)
-from fastcaps.train import parse_args, train
+from fastcaps.data import draw_shifts
+from fastcaps.data.multimnist import (MAX_SHIFT, SIZE, Pairs, PartnerSampler, fixed_test_index, make_pairs,
+                                      place_digits)
+from fastcaps.models import CapsNetOutput
+from fastcaps.recipes.datasets import MultiMNISTData
+from fastcaps.recipes.evaluate import main as evaluate_main
+from fastcaps.recipes.multimnist import multimnist_loss, pair_hits
+from fastcaps.recipes.train import parse_args, train
 
 TINY = ["--dataset", "multimnist", "--routing", "eager", "--device", "cpu", "--batch", "2", "--train-subset", "4",
         "--test-subset", "3", "--test-pairs", "2", "--log-every", "1"]  # 2 steps per epoch, 6 test pairs
@@ -204,7 +207,7 @@ def test_a_tiny_run_learns_pairs(test_split):
 def recorded_kernels(monkeypatch):
     """The fused op's kernel launchers replaced by recorders (the eager reference for v, zero
     gradients): a real launch at I = 3200 takes minutes in Triton's interpreter."""
-    kernels = fastcaps.routing._load_kernels()
+    kernels = fastcaps.ops.routing._load_kernels()
     calls = []
 
     def forward(u, weight, bias, iterations, leaky, input_precision, family, prior=None):
@@ -225,10 +228,10 @@ def recorded_kernels(monkeypatch):
 
 
 def test_multimnist_training_with_fused_routing_runs_the_fused_kernels(recorded_kernels, tmp_path):
-    assert fastcaps.routing.kernels_available(torch.device("cpu"))      # the interpreter, as in CI
+    assert fastcaps.kernels_available(torch.device("cpu"))      # the interpreter, as in CI
     args = TINY[:2] + ["--routing", "fused"] + TINY[4:] + ["--max-steps", "1", "--out", str(tmp_path)]
     model = train(parse_args(args))
-    assert isinstance(model.digit_caps, fastcaps.routing.FusedDigitCaps)
+    assert isinstance(model.digit_caps, fastcaps.FusedDigitCaps)
     assert recorded_kernels[:2] == [("forward", (2, 3200, 8), (3200, 10, 16, 8)),
                                     ("backward", (2, 3200, 8), (3200, 10, 16, 8))]
     assert recorded_kernels[2][0] == "forward" and recorded_kernels[2][1][1:] == (3200, 8)  # the evaluation
@@ -290,7 +293,7 @@ def test_train_resume_and_evaluate_multimnist(tmp_path, capsys, monkeypatch):
     if not figures:
         assert (out / "multimnist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # matplotlib is optional: without it the numbers are written and the figure is skipped, said so
-    monkeypatch.setattr(fastcaps.multimnist, "_have_matplotlib", lambda: False)
+    monkeypatch.setattr(fastcaps.recipes.multimnist, "have_matplotlib", lambda: False)
     assert evaluate_main([str(tmp_path / "a" / "last.pt"), "--out", str(tmp_path / "bare"), "--device", "cpu",
                           "--test-subset", "3", "--test-pairs", "1"]) == 0
     assert "no figure: multimnist.png needs matplotlib" in capsys.readouterr().out

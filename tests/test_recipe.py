@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import fastcaps
-from fastcaps.evaluate import load_model
-from fastcaps.runio import ConfigError
-from fastcaps.model import AUTHORS_ARCH, LEGACY_ARCH
-from fastcaps.train import DecayToFinal, parse_args, train
+from fastcaps.models import AUTHORS_ARCH, LEGACY_ARCH
+from fastcaps.recipes.checkpoints import load_model
+from fastcaps.recipes.errors import ConfigError
+from fastcaps.recipes.schedules import DecayToFinal
+from fastcaps.recipes.train import parse_args, train
 
 TINY = ["--routing", "eager", "--device", "cpu", "--batch", "4", "--train-subset", "12", "--test-subset", "6",
         "--log-every", "2"]  # 3 steps per epoch

@@ -15,7 +15,7 @@ import torch
 import fastcaps
 from fastcaps import reference
 from fastcaps.kernels import routing as kernels
-from fastcaps.routing import FusedRoutingFunction
+from fastcaps.ops.routing import FusedRoutingFunction
 
 # relative-norm tolerance of the fused op against the float64 reference, per input dtype
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}

@@ -26,6 +26,8 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+# one xdist worker compiles every config (the module fixture), two at a time: not once per worker
+pytestmark = pytest.mark.xdist_group("sm90-compile")
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "inspect_kernels.py"
 H100_SHARED_BYTES = 227 * 1024

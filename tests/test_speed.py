@@ -1,4 +1,4 @@
-"""Throughput options (fastcaps/speed.py) on the CPU: torch.compile (fullgraph), channels_last,
+"""Throughput options (fastcaps/recipes/speed.py) on the CPU: torch.compile (fullgraph), channels_last,
 bf16 autocast and the CUDA-only guards. Tiny runs with eager routing; the fused op is only traced."""
 import functools
 import json
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import fastcaps
-import fastcaps.speed
-from fastcaps.runio import ConfigError
-from fastcaps.train import parse_args, train
+import fastcaps.recipes.speed
+from fastcaps.recipes.errors import ConfigError
+from fastcaps.recipes.train import parse_args, train
 
 TINY = ["--routing", "eager", "--device", "cpu", "--batch", "4", "--train-subset", "8", "--test-subset", "4",
         "--log-every", "1"]  # 2 steps per epoch
@@ -42,8 +42,8 @@ def test_whole_capsnet_with_the_fused_op_compiles_as_one_graph():
 
 def test_train_with_compile_channels_last_and_resume(tmp_path, monkeypatch):
     # inductor would compile C++ for minutes on a small CPU: the same wiring with aot_eager
-    monkeypatch.setattr(fastcaps.speed, "compile_model",
-                        functools.partial(fastcaps.speed.compile_model, backend="aot_eager"))
+    monkeypatch.setattr(fastcaps.recipes.speed, "compile_model",
+                        functools.partial(fastcaps.recipes.speed.compile_model, backend="aot_eager"))
     train(tiny_args(tmp_path / "plain", "--max-steps", "3"))
     fast = train(tiny_args(tmp_path / "fast", "--max-steps", "2", "--compile", "--channels-last"))
     assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -63,7 +63,7 @@ def test_match_optimizer_state_gives_moments_the_parameter_layout():
     conv = torch.nn.Conv2d(2, 3, 3).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(conv.parameters())
     optimizer.state[conv.weight] = {"step": torch.tensor(1.0), "exp_avg": torch.ones(3, 2, 3, 3)}
-    fastcaps.speed.match_optimizer_state(optimizer)
+    fastcaps.recipes.speed.match_optimizer_state(optimizer)
     moment = optimizer.state[conv.weight]["exp_avg"]
     assert moment.stride() == conv.weight.stride() and torch.equal(moment, torch.ones(3, 2, 3, 3))
 
@@ -79,5 +79,5 @@ def test_cuda_graphs_are_cuda_only(tmp_path):
     with pytest.raises(SystemExit):
         parse_args(["--cuda-graphs", "--no-compile"])
     args = parse_args([])
-    fastcaps.speed.resolve(args, torch.device("cpu"))
+    fastcaps.recipes.speed.resolve(args, torch.device("cpu"))
     assert (args.channels_last, args.compile, args.bf16, args.eval_every) == (False, False, False, 1)

@@ -1,11 +1,14 @@
 """`fastcaps table1`: the table's arithmetic, and the --quick command on a few images (CPU)."""
 import json
+import os
 
 import pytest
 
-from fastcaps.baseline import BaselineCNN
-from fastcaps.cli import main as cli_main
-from fastcaps.table1 import ROWS, markdown, summarise
+import fastcaps.recipes.table1
+from fastcaps.models import BaselineCNN
+from fastcaps.recipes.cli import main as cli_main
+from fastcaps.recipes.runs import RunLock
+from fastcaps.recipes.table1 import ROWS, markdown, summarise
 
 TINY = ["--quick", "--quick-train", "8", "--quick-test", "8", "--batch", "8", "--device", "cpu"]
 
@@ -53,3 +56,50 @@ def test_usage_errors_exit_2(bad, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["table1", *bad])
     assert exit_info.value.code == 2 and "error" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the run folder (runs.run_folder)
+
+def test_a_folder_in_use_by_another_command_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "t1"
+    out.mkdir()
+    with RunLock(out, "train"):                      # as a running `fastcaps train` holds it
+        assert cli_main(["table1", *TINY, "--rows", "baseline", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by another fastcaps train (process {os.getpid()})" in err and err.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_table1_refuses_a_training_run_folder_and_train_refuses_a_table1_folder(tmp_path, capsys):
+    train_run = tmp_path / "train-run"
+    train_run.mkdir()
+    (train_run / "metrics.jsonl").write_text("")
+    assert cli_main(["table1", *TINY, "--rows", "baseline", "--out", str(train_run)]) == 2
+    assert "holds a `fastcaps train` run (metrics.jsonl)" in capsys.readouterr().err
+    assert not (train_run / "table1.json").exists()
+
+    table_run = tmp_path / "t1"
+    assert cli_main(["table1", *TINY, "--rows", "baseline", "--out", str(table_run)]) == 0
+    capsys.readouterr()
+    assert cli_main(["train", "--routing", "eager", "--device", "cpu", "--batch", "4", "--train-subset", "8",
+                     "--test-subset", "4", "--max-steps", "1", "--out", str(table_run)]) == 2
+    assert "holds a `fastcaps table1` run (table1.json, table1.md)" in capsys.readouterr().err
+    assert not (table_run / "metrics.jsonl").exists()
+
+
+def test_a_damaged_table1_json_is_a_one_line_error_and_both_files_are_written_atomically(tmp_path, capsys,
+                                                                                          monkeypatch):
+    out = tmp_path / "t1"
+    out.mkdir()
+    (out / "table1.json").write_text('{"recipe": ')              # torn by a crash of an older version
+    assert cli_main(["table1", *TINY, "--rows", "baseline", "--out", str(out)]) == 2
+    assert "table1.json is damaged" in capsys.readouterr().err
+
+    written = []
+    real = fastcaps.recipes.table1.write_atomic
+    monkeypatch.setattr(fastcaps.recipes.table1, "write_atomic", lambda path, data: (written.append(path.name),
+                                                                                    real(path, data)))
+    assert cli_main(["table1", *TINY, "--rows", "baseline", "--out", str(out), "--overwrite"]) == 0
+    assert written == ["table1.json", "table1.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "table1.json", "table1.md"]  # no temporary file
+    assert json.loads((out / "table1.json").read_text())["runs"][0]["row"] == "baseline"

@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-import fastcaps.train
+import fastcaps.recipes.devices
 from fastcaps import CapsNet
 from fastcaps.data import load_mnist
-from fastcaps.evaluate import ConfigError, PERTURBATIONS, perturbation_grid
-from fastcaps.evaluate import main as evaluate_main
-from fastcaps.train import ExponentialDecay, draw_shifts, global_batch_slice, parse_args, shift_images, train
+from fastcaps.data import draw_shifts, shift_images
+from fastcaps.recipes.errors import ConfigError
+from fastcaps.recipes.evaluate import PERTURBATIONS, perturbation_grid
+from fastcaps.recipes.evaluate import main as evaluate_main
+from fastcaps.recipes.schedules import ExponentialDecay
+from fastcaps.recipes.train import global_batch_slice, parse_args, train
 
 TINY = ["--routing", "eager", "--device", "cpu", "--batch", "4", "--train-subset", "12", "--test-subset", "10",
         "--log-every", "2"]  # 3 steps per epoch
@@ -109,7 +112,7 @@ def test_cuda_devices_get_an_index(fake_two_gpus, monkeypatch, device_arg, env, 
     selected, groups = fake_two_gpus
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    rank, world, device = fastcaps.train._setup_processes(device_arg)
+    rank, world, device = fastcaps.recipes.devices.setup_processes(device_arg)
     assert str(device) == expected and selected == [device]
     assert (rank, world) == (int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)))
     assert groups == ([(("nccl",), {"device_id": device})] if env else [])
@@ -117,7 +120,7 @@ def test_cuda_devices_get_an_index(fake_two_gpus, monkeypatch, device_arg, env, 
 
 def test_a_missing_gpu_is_a_config_error(fake_two_gpus):
     with pytest.raises(ConfigError, match="cuda:5 does not exist: 2 GPU"):
-        fastcaps.train._setup_processes("cuda:5")
+        fastcaps.recipes.devices.setup_processes("cuda:5")
 
 
 @pytest.fixture
@@ -128,7 +131,7 @@ def fake_two_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", selected.append)
-    monkeypatch.setattr(fastcaps.train.dist, "init_process_group", lambda *a, **k: groups.append((a, k)))
+    monkeypatch.setattr(fastcaps.recipes.devices.dist, "init_process_group", lambda *a, **k: groups.append((a, k)))
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     return selected, groups
@@ -263,7 +266,7 @@ def test_evaluate_reports_a_missing_checkpoint(tmp_path, capsys):
 
 WORKER = textwrap.dedent("""
     import os, sys, torch
-    from fastcaps.train import parse_args, train
+    from fastcaps.recipes.train import parse_args, train
     model = train(parse_args(sys.argv[2:]))
     torch.save(model.state_dict(), os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
 """)

@@ -1,11 +1,14 @@
 """Table 1 of Sabour et al. (2017) by one command: `fastcaps table1`.
 
-Rows: the baseline CNN (fastcaps.baseline) and CapsNet with 1 and 3 routing iterations, each
+Rows: the baseline CNN (fastcaps.models.baseline) and CapsNet with 1 and 3 routing iterations, each
 without and with reconstruction; --seeds runs of each. The test error of a run is that of its
 last evaluation (the end of training), never the best epoch. Writes, into --out, table1.md (the
 markdown table: mean +- sample std over the seeds next to the paper's column) and table1.json
 (every run, its error, time and settings), the JSON after every run: a command stopped and run
-again with the same options keeps the runs already done.
+again with the same options keeps the runs already done. The folder has the guarantees of
+`fastcaps train`'s (runs.run_folder): one command at a time holds it (a lock), both files are
+replaced whole or not at all, and a folder that holds a training run, or Table 1 runs of
+another recipe, is refused with one line saying what to pass instead.
 
 Every row trains with the recipe of `fastcaps train` (Adam, the authors' loss weighting and
 schedule, shifts of up to 2 pixels, batch 128; the baseline with cross entropy), by default
@@ -21,12 +24,13 @@ from pathlib import Path
 
 import torch
 
+from ..data import draw_shifts, load_mnist, shift_images
+from ..models import AUTHORS_ARCH, BaselineCNN, CapsNet, baseline_loss, capsnet_loss
 from . import speed
-from .baseline import BaselineCNN, baseline_loss
-from .data import load_mnist
-from .runio import ConfigError, parse_device, resolve_routing, run_reporting_errors
-from .model import AUTHORS_ARCH, CapsNet, capsnet_loss
-from .train import DecayToFinal, ExponentialDecay, draw_shifts, shift_images
+from .devices import parse_device, resolve_routing
+from .errors import ConfigError, run_reporting_errors
+from .runs import run_folder, write_atomic
+from .schedules import lr_factor
 
 __all__ = ["ROWS", "build_parser", "parse_args", "train_one", "evaluate_error", "run_table", "summarise", "markdown",
            "main"]
@@ -135,8 +139,7 @@ def train_one(row: str, seed: int, data, args, device, routing: str, say=print) 
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda" or None)
     steps_per_epoch = len(images) // args.batch
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
-    decay = (DecayToFinal(args.final_lr / args.lr, total_steps) if args.schedule == "end-low"
-             else ExponentialDecay(0.96, 2000, 1e-6 / args.lr))
+    decay = lr_factor(args.schedule, args.lr, total_steps, final_lr=args.final_lr)  # the authors' decay constants
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     net = speed.compile_model(model, args)
     order_gen = torch.Generator().manual_seed(seed)
@@ -218,6 +221,28 @@ def markdown(table: list, note: str) -> str:
 
 
 def run_table(args) -> dict:
+    """Train the rows' runs that --out does not hold yet and write the table; returns what table1.json holds."""
+    with run_folder(args.out, "table1") as out:
+        return _run_table(args, out)
+
+
+def _previous_runs(json_path: Path, recipe: dict, overwrite: bool) -> list:
+    """The runs kept from an earlier call with the same recipe (none with --overwrite)."""
+    if overwrite or not json_path.exists():
+        return []
+    try:
+        previous = json.loads(json_path.read_text(encoding="utf-8"))
+        previous_recipe, runs = previous.get("recipe"), previous["runs"]
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
+        raise ConfigError(f"{json_path} is damaged ({type(err).__name__}: {str(err)[:100]}): pass --overwrite "
+                          "to start over, or another --out") from None
+    if previous_recipe != recipe:
+        raise ConfigError(f"{json_path.parent} holds runs of another recipe ({previous_recipe}); pass --overwrite "
+                          "or another --out")
+    return runs
+
+
+def _run_table(args, out: Path) -> dict:
     device = parse_device(args.device)
     speed.resolve(args, device, ConfigError)
     routing, routing_note = resolve_routing(args.routing, device)
@@ -236,16 +261,8 @@ def run_table(args) -> dict:
     recipe = {k: getattr(args, k) for k in RECIPE}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
-    out = Path(args.out)
     json_path = out / "table1.json"
-    runs = []
-    if json_path.exists() and not args.overwrite:
-        previous = json.loads(json_path.read_text(encoding="utf-8"))
-        if previous.get("recipe") != recipe:
-            raise ConfigError(f"{out} holds runs of another recipe ({previous.get('recipe')}); pass --overwrite "
-                              f"or another --out")
-        runs = previous["runs"]
-    out.mkdir(parents=True, exist_ok=True)
+    runs = _previous_runs(json_path, recipe, args.overwrite)
     plan = [(row, seed) for row in args.rows for seed in range(args.seeds)]
     print(f"Table 1: {len(plan)} runs ({', '.join(args.rows)} x {args.seeds} seeds) on {device_name}, {routing} "
           f"routing, {len(images)} training / {len(test_images)} test images, batch {args.batch}, "
@@ -286,10 +303,8 @@ def _write(out: Path, runs: list, args, recipe: dict, device_name: str, routing:
     text = markdown(table, note)
     result = {"recipe": recipe, "device": device_name, "routing": routing, "throughput": speed.describe(args),
               "table": table, "runs": runs, "markdown": text}
-    (out / "table1.md").write_text(text, encoding="utf-8")
-    tmp = out / "table1.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(out / "table1.json")
+    write_atomic(out / "table1.json", json.dumps(result, indent=1) + "\n")  # first: it is what a rerun keeps
+    write_atomic(out / "table1.md", text)
     return result
 
 
@@ -299,4 +314,4 @@ def main(argv=None, prog=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m fastcaps.table1"))
+    sys.exit(main(prog="python -m fastcaps.recipes.table1"))

@@ -23,14 +23,14 @@ import argparse
 
 import torch
 
-from .runio import ConfigError
+from .errors import ConfigError
 
 __all__ = ["add_arguments", "check_arguments", "resolve", "apply_memory_format", "match_optimizer_state",
            "compile_model", "to_memory_format", "mark_step", "describe"]
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    group = parser.add_argument_group("throughput (see fastcaps/speed.py; none changes the recipe)")
+    group = parser.add_argument_group("throughput (see fastcaps/recipes/speed.py; none changes the recipe)")
     group.add_argument("--bf16", action="store_true", help="bfloat16 autocast (default off)")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                        help="NHWC convolutions (default: on with CUDA, off on the CPU)")

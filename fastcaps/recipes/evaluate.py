@@ -1,4 +1,4 @@
-"""Evaluate a trained CapsNet: `fastcaps evaluate CHECKPOINT` / `python -m fastcaps.evaluate`.
+"""Evaluate a trained CapsNet: `fastcaps evaluate CHECKPOINT`.
 
 Prints the test error and the confusion matrix and writes, into --out (default: a folder
 `eval` beside the checkpoint): evaluation.json, confusion_matrix.csv and the figures
@@ -9,7 +9,7 @@ checkpoint, when there is one). The figures need matplotlib (`pip install fastca
 --no-figures writes the numbers only.
 
 A checkpoint of `fastcaps train --dataset multimnist` is evaluated on the fixed MultiMNIST test
-pairs instead (fastcaps.multimnist.evaluate_checkpoint): the paper's error, the "at least one
+pairs instead (fastcaps.recipes.multimnist.evaluate_checkpoint): the paper's error, the "at least one
 right" rate, evaluation.json and the Figure 5 picture multimnist.png.
 """
 import argparse
@@ -22,13 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import load_mnist
-from .model import AUTHORS_ARCH, LEGACY_ARCH, CapsNet, capsnet_loss
-# ConfigError, load_checkpoint and run_reporting_errors are imported from here by other modules too
-from .runio import (CheckpointError, ConfigError, check_model_state, load_checkpoint, parse_device, prepare_out_dir,
-                    progress_bar, read_metrics, resolve_routing, run_reporting_errors, write_atomic)
+from ..data import load_mnist
+from ..models import CapsNet, capsnet_loss
+from . import multimnist
+from .checkpoints import load_checkpoint, load_model
+from .console import progress_bar
+from .devices import parse_device, resolve_routing
+from .errors import ConfigError, run_reporting_errors
+from .figures import figure_class, save_perturbations, save_reconstructions, save_training_curves
+from .runs import prepare_out_dir, read_metrics, write_atomic
 
-__all__ = ["predict", "load_model", "confusion_matrix", "perturbation_grid", "evaluate_checkpoint", "main"]
+__all__ = ["predict", "confusion_matrix", "perturbation_grid", "evaluate_checkpoint", "main"]
 
 PERTURBATIONS = torch.arange(-5, 6) * 0.05  # the paper's [-0.25, 0.25] in steps of 0.05; exactly 0 in the middle
 
@@ -52,21 +56,6 @@ def predict(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             sums += torch.stack(losses).double() * len(x)
             bar.update(len(x))
     return predictions, sums
-
-
-def load_model(checkpoint: dict, routing: str, device, path="checkpoint", input_size: int = 28) -> CapsNet:
-    """The CapsNet of a training checkpoint (from load_checkpoint), with its number of routing
-    iterations and its architecture (checkpoints of fastcaps 0.1 have none: theirs is
-    LEGACY_ARCH), for input_size x input_size images (MultiMNIST: 36); a CheckpointError if its
-    tensors do not fit this CapsNet."""
-    config = checkpoint["config"]
-    arch = config.get("arch", LEGACY_ARCH)
-    if arch not in (AUTHORS_ARCH, LEGACY_ARCH):
-        raise CheckpointError(f"not a fastcaps checkpoint: {path} (damaged: unknown model architecture {arch!r})")
-    model = CapsNet(routing=routing, iterations=config["iterations"], input_size=input_size, **arch).to(device)
-    check_model_state(checkpoint["model"], model, path)
-    model.load_state_dict(checkpoint["model"])
-    return model.eval()
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
@@ -97,80 +86,6 @@ def perturbation_grid(model: CapsNet, image: torch.Tensor) -> torch.Tensor:
     return model.decoder(masked.flatten(0, 1)).view(dims, steps, 28, 28).cpu()
 
 
-def _figure_module():
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-    except ImportError as err:
-        raise ConfigError("the figures need matplotlib: pip install 'fastcaps[viz]' "
-                          "(or pip install matplotlib)") from err
-    return Figure
-
-
-def _save_figure(fig, path):
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    write_atomic(path, buffer.getvalue())
-
-
-def save_reconstructions(path, images, reconstructions, labels, predictions):
-    Figure = _figure_module()
-    n = len(images)
-    fig = Figure(figsize=(1.1 * n, 2.6))
-    axes = fig.subplots(2, n, squeeze=False)
-    for k in range(n):
-        for row, picture in enumerate((images[k], reconstructions[k])):
-            axes[row, k].imshow(picture.squeeze(0).numpy(), cmap="gray", vmin=0, vmax=1)
-            axes[row, k].set_xticks([])
-            axes[row, k].set_yticks([])
-        axes[0, k].set_title(f"label {int(labels[k])}", fontsize=8)
-        axes[1, k].set_title(f"pred {int(predictions[k])}", fontsize=8)
-    axes[0, 0].set_ylabel("input")
-    axes[1, 0].set_ylabel("reconstruction")
-    _save_figure(fig, path)
-
-
-def save_perturbations(path, grids, titles):
-    """One panel per image: rows = the 16 capsule dimensions, columns = -0.25 .. +0.25."""
-    Figure = _figure_module()
-    fig = Figure(figsize=(4.2 * len(grids), 6.6))
-    axes = fig.subplots(1, len(grids), squeeze=False)[0]
-    for ax, grid, title in zip(axes, grids, titles):
-        dims, steps = grid.shape[:2]
-        # tile with a 2-pixel gap so the digits stay apart
-        canvas = np.ones((dims * 30, steps * 30), dtype=np.float32)
-        for d in range(dims):
-            for s in range(steps):
-                canvas[d * 30:d * 30 + 28, s * 30:s * 30 + 28] = grid[d, s].numpy()
-        ax.imshow(canvas, cmap="gray", vmin=0, vmax=1)
-        ax.set_xticks([s * 30 + 14 for s in range(steps)], [f"{v:+.2f}" for v in PERTURBATIONS.tolist()],
-                      fontsize=6, rotation=90)
-        ax.set_yticks([d * 30 + 14 for d in range(dims)], [str(d) for d in range(dims)], fontsize=6)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("perturbation")
-        ax.set_ylabel("capsule dimension")
-    _save_figure(fig, path)
-
-
-def save_training_curves(path, records):
-    """Training loss and error (lines) and test ones after every epoch (dots) against epochs."""
-    Figure = _figure_module()
-    epochs = [r for r in records if r["kind"] == "epoch"]
-    train = [r for r in records if r["kind"] == "progress"] or epochs  # per --log-every steps if logged
-    x_train, x_test = [r["epochs_done"] for r in train], [r["epochs_done"] for r in epochs]
-    fig = Figure(figsize=(10, 3.8))
-    loss_ax, error_ax = fig.subplots(1, 2)
-    loss_ax.plot(x_train, [r["train_loss"] for r in train], label="train (shifted inputs)")
-    loss_ax.plot(x_test, [r["test_loss"] for r in epochs], "o-", label="test")
-    loss_ax.set(ylabel="margin + 0.0005 SSE", title="loss")
-    error_ax.plot(x_train, [100 - r["train_acc"] for r in train], label="train (shifted inputs)")
-    error_ax.plot(x_test, [r["test_error"] for r in epochs], "o-", label="test")
-    error_ax.set(ylabel="error %", title="classification error")
-    for ax in (loss_ax, error_ax):
-        ax.set(xlabel="epoch", yscale="log")
-        ax.legend()
-    _save_figure(fig, path)
-
-
 def evaluate_checkpoint(checkpoint_path, out=None, device=None, routing=None, batch_size=200, bf16=False,
                         test_subset=None, samples=10, perturb=3, figures=True, test_pairs=None) -> dict:
     """Everything `fastcaps evaluate` does; returns the summary written to evaluation.json.
@@ -184,14 +99,13 @@ def evaluate_checkpoint(checkpoint_path, out=None, device=None, routing=None, ba
     # the output folder is checked before the evaluation, which can take minutes
     out = prepare_out_dir(out if out is not None else checkpoint_path.parent / "eval")
     if checkpoint["config"].get("dataset", "mnist") == "multimnist":
-        from . import multimnist
         return multimnist.evaluate_checkpoint(checkpoint, checkpoint_path, out, device, routing, batch_size, bf16,
                                               test_subset, test_pairs or checkpoint["config"]["test_pairs"],
                                               samples, figures)
     if test_pairs is not None:
         raise ConfigError("--test-pairs: the checkpoint is an MNIST one; test pairs are for multimnist")
     if figures:
-        _figure_module()  # fail before the evaluation, not after it
+        figure_class()  # fail before the evaluation, not after it
     model = load_model(checkpoint, routing, device, checkpoint_path)
     images, labels = load_mnist("test", device, limit=test_subset)
     samples, perturb = min(samples, len(images)), min(perturb, len(images))
@@ -231,7 +145,8 @@ def _save_figures(out, model, images, labels, predictions, samples, perturb, met
                          predictions[:samples].cpu())
     grids = [perturbation_grid(model, images[k]) for k in range(perturb)]
     save_perturbations(out / "perturbation.png", grids,
-                       [f"test image {k}: label {int(labels[k])}, pred {int(predictions[k])}" for k in range(perturb)])
+                       [f"test image {k}: label {int(labels[k])}, pred {int(predictions[k])}" for k in range(perturb)],
+                       PERTURBATIONS)
     written = ["reconstructions.png", "perturbation.png"]
     warn = lambda message: print(f"warning: {message}", file=sys.stderr)  # noqa: E731
     records = read_metrics(metrics_path, warn) if metrics_path.is_file() else []
@@ -276,4 +191,4 @@ def main(argv=None, prog=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m fastcaps.evaluate"))
+    sys.exit(main(prog="python -m fastcaps.recipes.evaluate"))

@@ -1,4 +1,4 @@
-"""The fused routing op: functional API, autograd.Function, torch.library custom ops, module.
+"""The fused routing op: functional API, autograd.Function and torch.library custom ops.
 
 `fastcaps.dynamic_routing` has the signature and semantics of
 `fastcaps.reference.dynamic_routing` and runs the Triton kernels of `fastcaps.kernels.routing`
@@ -18,9 +18,8 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .layers import DigitCaps
 
-__all__ = ["dynamic_routing", "FusedDigitCaps", "kernels_available", "TritonMissingError"]
+__all__ = ["dynamic_routing", "kernels_available", "TritonMissingError", "FusedRoutingFunction"]
 
 _PRECISIONS = ("ieee", "tf32x3", "tf32")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -42,7 +41,7 @@ def _load_kernels():
                 "fastcaps.dynamic_routing (the fused routing op) needs Triton, which is not installed: "
                 "`pip install triton`, or use the eager routing (fastcaps.reference.dynamic_routing, "
                 "DigitCaps, CapsNet(routing='eager'), fastcaps train --routing eager)") from exc
-        from .kernels import routing as module
+        from ..kernels import routing as module
         _kernels = module
     return _kernels
 
@@ -243,10 +242,3 @@ def dynamic_routing(u: Tensor, weight: Tensor, iterations: int = 3, *, bias: Ten
     v, _, _ = FusedRoutingFunction.apply(u, weight, bias, prior, iterations, leaky, detach_routing, input_precision,
                                          kernels or _default_kernels())
     return v
-
-
-class FusedDigitCaps(DigitCaps):
-    """Drop-in for fastcaps.DigitCaps with the fused routing op: same constructor, parameters
-    and state_dict keys, so either module loads the other's state_dict."""
-
-    _routing = staticmethod(dynamic_routing)

@@ -1,7 +1,8 @@
-"""Train the paper's MNIST CapsNet: `fastcaps train` / `python -m fastcaps.train`.
+"""Train the paper's MNIST CapsNet: `fastcaps train`.
 
 The recipe of Sabour et al. (2017) as the authors' code runs it (Sarasra/models,
-research/capsules; the model and its initialisation are in fastcaps/model.py): 300k steps at
+research/capsules; the model and its initialisation are in fastcaps/models/capsnet.py;
+the options and their defaults in train_options.py): 300k steps at
 batch 128 (642 epochs, stopped at step 300000), Adam (eps 1e-8) with lr 1e-3 decayed by 0.96
 every 2000 steps (smoothly, lr = 1e-3 * 0.96^(step / 2000), floored at 1e-6:
 tf.train.exponential_decay without staircase), 3 routing iterations, the authors' loss
@@ -12,7 +13,7 @@ evaluation on the 10k MNIST test set after every epoch; the error of a run is th
 evaluation. --quick is a short run for a CPU (see QUICK). --schedule end-low is a shorter
 variant (see build_parser).
 
---dataset multimnist trains the same recipe on MultiMNIST (fastcaps.multimnist: pairs of
+--dataset multimnist trains the same recipe on MultiMNIST (fastcaps.data.multimnist: pairs of
 overlapping digits made on the device, 36x36 inputs, two reconstructions, an example right only
 when the two longest capsules are its two labels); an epoch takes every training digit once as
 the base of a pair, and the test set is a fixed set of --test-pairs pairs per test digit.
@@ -37,139 +38,32 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import platform
-import random
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from ..models import AUTHORS_ARCH, CapsNet, capsnet_loss
 from . import speed
-from .data import load_mnist
-from . import multimnist
-from .evaluate import predict
-from .model import AUTHORS_ARCH, CapsNet, capsnet_loss
-from .runio import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, EXIT_FAILED, EXIT_INTERRUPTED, CheckpointError,
-                    ConfigError, MetricsLog, RunLock, TrainingStopped, check_model_state, load_checkpoint,
-                    parse_device, prepare_out_dir, progress_bar, read_metrics, require_tensorboard, resolve_routing,
-                    run_reporting_errors, save_atomic, write_atomic)
+from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, build_model, check_model_state,
+                          check_optimizer_state, load_checkpoint, rng_state, set_rng_state)
+from .console import fmt_time, printer, progress_bar
+from .datasets import MNISTData, MultiMNISTData
+from .devices import all_sum, resolve_routing, setup_processes, sync
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, CheckpointError, ConfigError, TrainingStopped, run_reporting_errors
+from .runs import RUN_FILES, MetricsLog, read_metrics, require_tensorboard, run_folder, save_atomic, write_atomic
+from .schedules import lr_factor
+from .train_options import FULL, QUICK, RECIPE, build_parser, parse_args
 
-__all__ = ["draw_shifts", "shift_images", "MNISTData", "ExponentialDecay", "DecayToFinal", "global_batch_slice",
-           "build_parser", "parse_args", "train", "main", "QUICK", "FULL"]
+__all__ = ["global_batch_slice", "train", "main", "build_parser", "parse_args", "FULL", "QUICK"]
 
-# Defaults of the options that --quick changes; an option given on the command line wins.
-FULL = {"epochs": 642, "max_steps": 300_000, "batch": 128, "log_every": 50, "out": "runs/mnist",
-        "checkpoint_every_min": 5.0, "max_shift": 2}
-# Well inside 10 minutes on 2 CPU cores, the full 10k test evaluation included (~0.37 s a step,
-# ~50 s for the evaluation, on a quiet machine; up to ~2.5x that when the cores are shared):
-# batch 32 costs less per image than 128 on a CPU and gives 4x the updates in the same time.
-# A checkpoint every minute: a crash of the ~3-minute run loses at most a minute of it.
-QUICK = {"epochs": 1, "max_steps": 300, "batch": 32, "log_every": 25, "out": "runs/quick",
-         "checkpoint_every_min": 1.0, "max_shift": 2}
-# MultiMNIST (--dataset multimnist): the paper's 4-pixel shifts and 100 test pairs per test digit (1M);
-# its --quick (a step costs ~2.2x an MNIST one) evaluates one pair for each of 2000 test digits.
-FULL_MULTIMNIST = FULL | {"out": "runs/multimnist", "max_shift": multimnist.MAX_SHIFT, "test_pairs": 100}
-QUICK_MULTIMNIST = QUICK | {"max_steps": 150, "out": "runs/multimnist-quick", "max_shift": multimnist.MAX_SHIFT,
-                            "test_pairs": 1, "test_subset": 2000}
-# Options that change what is trained: a resumed run must keep them.
-RECIPE = ("dataset", "batch", "lr", "lr_decay", "lr_decay_steps", "min_lr", "schedule", "final_lr", "iterations",
-          "max_shift", "seed", "train_subset")
 MILESTONES = (99.5, 99.7)  # test accuracies (%) whose first time is recorded
-IMAGE_SIZE = 28
-CHECKPOINT_FILES = ("last.pt", "metrics.jsonl")  # either one means the folder holds a run
-
-
-# ------------------------------------------------------------------------------ augmentation
-
-def draw_shifts(n: int, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """[n, 2] integer (dy, dx) shifts, uniform over [-max_shift, max_shift], on the generator's device."""
-    return torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator, device=generator.device)
-
-
-def shift_images(images: torch.Tensor, shifts: torch.Tensor, max_shift: int) -> torch.Tensor:
-    """out[n, :, y, x] = images[n, :, y - dy_n, x - dx_n], zero where that falls outside.
-
-    One gather over the zero-padded batch, no per-image loop and no host sync. Every shift
-    must lie in [-max_shift, max_shift] (the padding), which draw_shifts guarantees.
-    """
-    if images.dim() != 4 or shifts.shape != (images.shape[0], 2):
-        raise ValueError(f"expected images [N, C, H, W] and shifts [N, 2], got {tuple(images.shape)} "
-                         f"and {tuple(shifts.shape)}")
-    if max_shift < 0:
-        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
-    n, c, h, w = images.shape
-    p = max_shift
-    padded = F.pad(images, (p, p, p, p)).flatten(2)                                    # [N, C, (H+2p)(W+2p)]
-    rows = torch.arange(h, device=images.device) + p - shifts[:, :1]                    # [N, H]
-    cols = torch.arange(w, device=images.device) + p - shifts[:, 1:]                    # [N, W]
-    index = (rows[:, :, None] * (w + 2 * p) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
-    return padded.gather(2, index).view(n, c, h, w)
-
-
-class MNISTData:
-    """The MNIST data of a run, behind the interface that fastcaps.multimnist.MultiMNISTData
-    shares: batch(idx, generator, global_batch, lo) -> (inputs, labels, reconstruction targets)
-    for this process's share [lo, lo + len(idx)) of a global batch, with the random shifts drawn
-    for the whole global batch; correct(lengths, labels); evaluate(model, batch_size, bf16,
-    progress) -> float64 [loss, margin, recon, correct, images, *extra_metrics] summed over this
-    process's shard of the test set (progress: the label of a progress bar, or None)."""
-
-    input_size = 28
-    extra_metrics = ()
-
-    def __init__(self, device, max_shift: int, train_subset=None, test_subset=None, rank: int = 0, world: int = 1):
-        self.max_shift = max_shift
-        self.images, self.labels = load_mnist("train", device, limit=train_subset)
-        test_images, test_labels = load_mnist("test", device, limit=test_subset)
-        self.train_size, self.test_size = len(self.labels), len(test_labels)
-        # each process evaluates a disjoint shard of the test set; the counts are summed
-        self.test_images, self.test_labels = test_images[rank::world], test_labels[rank::world]
-
-    def batch(self, idx, generator, global_batch, lo):
-        shifts = draw_shifts(global_batch, self.max_shift, generator)[lo:lo + len(idx)]
-        x = shift_images(self.images[idx], shifts, self.max_shift)
-        return x, self.labels[idx], x
-
-    @staticmethod
-    def correct(lengths, labels):
-        return (lengths.argmax(dim=1) == labels).sum()
-
-    def evaluate(self, model, batch_size, bf16=False, progress=None):
-        predictions, sums = predict(model, self.test_images, self.test_labels, batch_size, bf16, progress)
-        count = torch.tensor(len(self.test_labels), dtype=torch.float64, device=sums.device)
-        return torch.cat([sums, torch.stack([(predictions == self.test_labels).sum().double(), count])])
-
-
-# ------------------------------------------------------------------------------ schedule, sharding
-
-class ExponentialDecay:
-    """LambdaLR factor of tf.train.exponential_decay (staircase=False), with the authors' floor:
-    lr(step) = max(lr0 * rate^(step / steps), min_lr)."""
-
-    def __init__(self, rate: float, steps: int, min_factor: float):
-        self.rate, self.steps, self.min_factor = rate, steps, min_factor
-
-    def __call__(self, step: int) -> float:
-        return max(self.rate ** (step / self.steps), self.min_factor)
-
-
-class DecayToFinal:
-    """LambdaLR factor of --schedule end-low: lr decays exponentially, smoothly, from lr0 at step 0
-    to final_lr at the last step: lr(step) = lr0 * (final_lr / lr0)^(step / total_steps)."""
-
-    def __init__(self, final_factor: float, total_steps: int):
-        self.final_factor, self.total_steps = final_factor, total_steps
-
-    def __call__(self, step: int) -> float:
-        return self.final_factor ** (min(step, self.total_steps) / self.total_steps)
 
 
 def global_batch_slice(epoch_step: int, batch: int, rank: int, world: int) -> slice:
@@ -180,154 +74,12 @@ def global_batch_slice(epoch_step: int, batch: int, rank: int, world: int) -> sl
     return slice(start, start + local)
 
 
-# ------------------------------------------------------------------------------ options
-
-def build_parser(prog=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Train the CapsNet of Sabour et al. (2017) on MNIST or MultiMNIST. Multi-GPU: "
-                               "run the same command under `torchrun --nproc_per_node N`.")
-    parser.add_argument("--dataset", choices=("mnist", "multimnist"), default="mnist",
-                        help="mnist, or multimnist: pairs of overlapping digits, 36x36 (default mnist)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"short CPU run (~3 min on 2 idle cores, ~96%% test accuracy): {QUICK}")
-    parser.add_argument("--epochs", type=int, help=f"epochs (default {FULL['epochs']})")
-    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
-    parser.add_argument("--batch", type=int,
-                        help=f"global batch, split over the processes (default {FULL['batch']})")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    parser.add_argument("--lr-decay", type=float, default=0.96, help="decay factor per --lr-decay-steps (0.96)")
-    parser.add_argument("--lr-decay-steps", type=int, default=2000, help="(default 2000)")
-    parser.add_argument("--min-lr", type=float, default=1e-6, help="floor of the learning rate (default 1e-6)")
-    parser.add_argument("--schedule", choices=("authors", "end-low"), default="authors",
-                        help="authors: lr x --lr-decay every --lr-decay-steps (the recipe); end-low: a variant "
-                             "for short runs, lr decays exponentially to --final-lr at the last step "
-                             "(default authors)")
-    parser.add_argument("--final-lr", type=float, default=1e-5, help="last lr of --schedule end-low (1e-5)")
-    parser.add_argument("--iterations", type=int, default=3, help="routing iterations (default 3)")
-    parser.add_argument("--max-shift", type=int,
-                        help="random shift in pixels, 0 = none (default 2; multimnist: 4, at most 4)")
-    parser.add_argument("--routing", choices=("fused", "eager"),
-                        help="fused Triton routing or the eager reference (default: fused on CUDA, eager elsewhere)")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available); under torchrun each "
-                                         "process uses cuda:LOCAL_RANK")
-    parser.add_argument("--seed", type=int, default=0, help="(default 0)")
-    parser.add_argument("--out", help=f"output folder (default {FULL['out']}, with --quick {QUICK['out']})")
-    parser.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
-                        help="continue from CHECKPOINT (default: last.pt of --out) with the same recipe options")
-    parser.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
-    parser.add_argument("--checkpoint-every-min", type=float,
-                        help="also write last.pt when this many minutes have passed since the last one, at the "
-                             f"next --log-every step (default {FULL['checkpoint_every_min']:g}, with --quick "
-                             f"{QUICK['checkpoint_every_min']:g})")
-    parser.add_argument("--tensorboard", action="store_true",
-                        help="also log the metrics to <out>/tensorboard (needs: pip install 'fastcaps[tensorboard]')")
-    parser.add_argument("--log-every", type=int, help=f"steps between progress lines (default {FULL['log_every']})")
-    parser.add_argument("--eval-batch", type=int, default=200, help="evaluation batch size (default 200)")
-    parser.add_argument("--train-subset", type=int, help="train on the first N training images only")
-    parser.add_argument("--test-subset", type=int, help="evaluate on the first N test images (multimnist: "
-                                                                "test digits) only")
-    parser.add_argument("--test-pairs", type=int, help="multimnist: test pairs per test digit (default 100, "
-                                                       "with --quick 1)")
-    speed.add_arguments(parser)
-    return parser
-
-
-def parse_args(argv=None, prog=None) -> argparse.Namespace:
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    presets = {"mnist": (FULL, QUICK), "multimnist": (FULL_MULTIMNIST, QUICK_MULTIMNIST)}[args.dataset]
-    for name, value in presets[args.quick].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    positive = ("epochs", "max_steps", "batch", "lr_decay_steps", "iterations", "log_every", "eval_batch",
-                "train_subset", "test_subset", "test_pairs")
-    for name in positive:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not 0 <= args.max_shift < IMAGE_SIZE:
-        parser.error(f"--max-shift must be between 0 and {IMAGE_SIZE - 1} pixels, got {args.max_shift}")
-    if args.dataset == "multimnist" and args.max_shift > multimnist.PAD:
-        parser.error(f"--max-shift {args.max_shift}: multimnist shifts must lie within its {multimnist.PAD}-pixel "
-                     "padding (at most 4)")
-    if args.dataset == "mnist" and args.test_pairs is not None:
-        parser.error("--test-pairs is an option of --dataset multimnist")
-    if not 0 <= args.seed < 2 ** 63:
-        parser.error(f"--seed must be between 0 and 2^63 - 1, got {args.seed}")
-    if not all(math.isfinite(v) for v in (args.lr, args.lr_decay, args.min_lr)) or not args.lr > 0 \
-            or not 0 < args.lr_decay <= 1 or not 0 <= args.min_lr <= args.lr:
-        parser.error("need finite --lr > 0, 0 < --lr-decay <= 1 and 0 <= --min-lr <= --lr")
-    if not 0 < args.final_lr <= args.lr:  # also false for nan
-        parser.error(f"need 0 < --final-lr <= --lr, got --final-lr {args.final_lr}")
-    if not (math.isfinite(args.checkpoint_every_min) and args.checkpoint_every_min > 0):
-        parser.error(f"--checkpoint-every-min must be > 0, got {args.checkpoint_every_min}")
-    speed.check_arguments(args, parser)
-    return args
-
-
-# ------------------------------------------------------------------------------ processes, devices
-
-def _setup_processes(device_arg):
-    """(rank, world size, device); joins the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = parse_device(device_arg)
-    if device.type == "cuda":
-        # an explicit index: torch.cuda.set_device, DDP and NCCL refuse a bare "cuda"
-        if world > 1:
-            index = int(os.environ["LOCAL_RANK"])
-        else:
-            index = device.index if device.index is not None else torch.cuda.current_device()
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"cuda:{index} does not exist: {torch.cuda.device_count()} GPU(s) visible")
-        device = torch.device("cuda", index)
-        torch.cuda.set_device(device)
-    if world > 1:
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-    return rank, world, device
-
-
-def _all_sum(tensor: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def _sync(device):
-    # only for timing: kernels run asynchronously on a GPU
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ------------------------------------------------------------------------------ checkpoints
-
-def _rng_state(device) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    algorithm, keys, pos, has_gauss, cached = np.random.get_state()
-    state["numpy"] = (algorithm, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    algorithm, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((algorithm, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def _check_resume(checkpoint: dict, args, device):
     saved = checkpoint["config"]
-    if saved.get("arch") != AUTHORS_ARCH:
+    saved = {"dataset": "mnist", "model": "capsnet"} | saved  # from before --dataset / --model
+    if saved["model"] == "capsnet" and saved.get("arch") != AUTHORS_ARCH:
         raise ConfigError("cannot resume: the checkpoint holds a model of fastcaps 0.1 (no bias on the digit "
                           "capsules, unscaled primary capsules); `fastcaps evaluate` still reads it")
-    saved = {"dataset": "mnist"} | saved  # checkpoints from before --dataset are MNIST ones
     changed = [f"--{k.replace('_', '-')} {saved[k]} (now {getattr(args, k)})" for k in RECIPE
                if saved[k] != getattr(args, k)]
     if changed:
@@ -336,12 +88,6 @@ def _check_resume(checkpoint: dict, args, device):
     if saved["device_type"] != device.type:
         # the state of the shift generator is that of a CPU or a CUDA generator, not both
         raise ConfigError(f"cannot resume on {device.type}: the checkpoint was trained on {saved['device_type']}")
-
-
-# ------------------------------------------------------------------------------ training
-
-def _fmt_time(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _parameters_finite(model) -> bool:
@@ -375,11 +121,11 @@ class _StopRequest:
 
 def train(args: argparse.Namespace) -> CapsNet:
     """Train as the options say; returns the trained model (unwrapped from DDP)."""
-    rank, world, device = _setup_processes(args.device)
+    rank, world, device = setup_processes(args.device)
     try:
         with contextlib.ExitStack() as stack:
             if rank == 0:  # one writer per run folder: the second run refuses instead of interleaving
-                stack.enter_context(RunLock(prepare_out_dir(args.out)))
+                stack.enter_context(run_folder(args.out, "train"))
             # under torchrun every process gets the signal at its own step: Ctrl-C just ends them
             stop = stack.enter_context(_StopRequest()) if world == 1 else None
             return _train(args, rank, world, device, stop)
@@ -391,7 +137,7 @@ def train(args: argparse.Namespace) -> CapsNet:
 def _train(args, rank, world, device, stop=None) -> CapsNet:
     started = time.perf_counter()
     main_process = rank == 0
-    say = _printer(main_process)
+    say = printer(main_process)
     if args.batch % world:
         raise ConfigError(f"--batch {args.batch} must be divisible by the number of processes ({world})")
     speed.resolve(args, device, ConfigError)
@@ -405,14 +151,14 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
     if args.resume is not None:
         checkpoint = load_checkpoint(args.resume or checkpoint_path)
         _check_resume(checkpoint, args, device)
-    elif any((out / name).exists() for name in CHECKPOINT_FILES) and not args.overwrite:
+    elif any((out / name).exists() for name in RUN_FILES["train"]) and not args.overwrite:
         raise ConfigError(f"{out} already holds a run: continue it with --resume, or pass --overwrite "
                           f"or another --out")
     if args.tensorboard:
         require_tensorboard()  # before the data are loaded, not after the first epoch
 
     if args.dataset == "multimnist":
-        data = multimnist.MultiMNISTData(device, args.seed, args.max_shift, args.train_subset, args.test_subset,
+        data = MultiMNISTData(device, args.seed, args.max_shift, args.train_subset, args.test_subset,
                                          args.test_pairs, rank, world)
     else:
         data = MNISTData(device, args.max_shift, args.train_subset, args.test_subset, rank, world)
@@ -421,17 +167,15 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
 
     torch.manual_seed(args.seed)  # the same initial weights on every process
     model = speed.apply_memory_format(
-        CapsNet(routing=routing, iterations=args.iterations, input_size=data.input_size, **AUTHORS_ARCH).to(device),
+        build_model(args.model, routing, args.iterations, data.input_size).to(device),
         args)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda" or None)
     steps_per_epoch = data.train_size // args.batch  # the last partial batch of an epoch is dropped
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    if args.schedule == "end-low":
-        decay = DecayToFinal(args.final_lr / args.lr, total_steps)
-    else:
-        decay = ExponentialDecay(args.lr_decay, args.lr_decay_steps, args.min_lr / args.lr)
+    decay = lr_factor(args.schedule, args.lr, total_steps, final_lr=args.final_lr, lr_decay=args.lr_decay,
+                      lr_decay_steps=args.lr_decay_steps, min_lr=args.min_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     # separate generators: the data order and the shifts do not depend on anything else drawn
     order_gen = torch.Generator().manual_seed(args.seed)
@@ -457,8 +201,8 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
                 epoch_sums.copy_(checkpoint["epoch_sums"])
             order_gen.set_state(checkpoint["rng"]["order_epoch_start"])
             shift_gen.set_state(checkpoint["rng"]["shift"])
-            _set_rng_state(checkpoint["rng"]["global"], device)
-            _check_optimizer_state(optimizer, model)
+            set_rng_state(checkpoint["rng"]["global"], device)
+            check_optimizer_state(optimizer, model)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
             raise CheckpointError(f"{resume_path}: damaged training state ({str(err).splitlines()[0][:200]})") \
                 from None
@@ -494,12 +238,14 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
         # run started over with --overwrite, all of the old run's
         log = MetricsLog(metrics_path, out / "tensorboard" if args.tensorboard else None,
                          purge_step=step + 1 if checkpoint is not None else 0)
-    say(f"training CapsNet ({routing} routing, {args.iterations} iterations) on {device} x {world}: {args.dataset}, "
-        f"{data.train_size} images, batch {args.batch}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}"
-        f"; {speed.describe(args)}")
+    say(f"training {type(model).__name__} ({routing} routing, {args.iterations} iterations) on {device} x {world}: "
+        f"{args.dataset}, {data.train_size} images, batch {args.batch}, {steps_per_epoch} steps/epoch, "
+        f"steps {step} -> {total_steps}; {speed.describe(args)}")
     if step >= total_steps:
         say(f"nothing to do: the checkpoint is at step {step}")
         return model
+
+    arch = AUTHORS_ARCH if args.model == "capsnet" else None  # ConvCapsNet has no variants
 
     def save_checkpoint():
         """last.pt for --resume; first makes sure that nothing non-finite is saved."""
@@ -509,7 +255,7 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
         save_atomic({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                      "config": {k: getattr(args, k) for k in RECIPE} | {"routing": routing,
                                                                          "device_type": device.type,
-                                                                         "arch": AUTHORS_ARCH,
+                                                                         "arch": arch,
                                                                          "test_pairs": args.test_pairs},
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
@@ -517,12 +263,12 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
                      "epoch_train_s": epoch_train_s + time.perf_counter() - epoch_start,
                      "epoch_sums": epoch_sums, "milestones": milestones,
                      "rng": {"order_epoch_start": epoch_start_state, "shift": shift_gen.get_state(),
-                             "global": _rng_state(device)}}, checkpoint_path)
+                             "global": rng_state(device)}}, checkpoint_path)
         saved = (checkpoint_path, step)
 
     def mid_epoch_checkpoint():
         """A checkpoint between evaluations: process 0 carries the global sums of the epoch so far."""
-        _all_sum(epoch_sums, world)
+        all_sum(epoch_sums, world)
         if not main_process:
             epoch_sums.zero_()
         if main_process:
@@ -575,7 +321,7 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
                 bar.update()
 
             if step % args.log_every == 0:
-                loss_sum, margin_sum, recon_sum, correct_sum, count = _all_sum(window, world).tolist()
+                loss_sum, margin_sum, recon_sum, correct_sum, count = all_sum(window, world).tolist()
                 if not math.isfinite(loss_sum):
                     raise _diverged(f"the training loss is {loss_sum / count} over steps {window_first_step}-{step}",
                                     step, saved, args)
@@ -614,9 +360,9 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
                 continue
             if not (epoch_end or step == total_steps):
                 continue
-            _sync(device)
+            sync(device)
             epoch_train_s += time.perf_counter() - epoch_start
-            loss_sum, margin_sum, recon_sum, correct_sum, count = _all_sum(epoch_sums, world).tolist()
+            loss_sum, margin_sum, recon_sum, correct_sum, count = all_sum(epoch_sums, world).tolist()
             if not math.isfinite(loss_sum):
                 raise _diverged(f"the training loss is {loss_sum / count} in epoch {epoch + 1}", step, saved, args)
             if bar is not None:
@@ -625,7 +371,7 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
             eval_start = time.perf_counter()
             test_stats = data.evaluate(model, args.eval_batch, args.bf16,
                                        progress="evaluating" if main_process else None)
-            test_loss, test_margin, test_recon, test_correct, test_n, *extra = _all_sum(test_stats, world).tolist()
+            test_loss, test_margin, test_recon, test_correct, test_n, *extra = all_sum(test_stats, world).tolist()
             net.train()
             now = time.perf_counter()
             wall_s = elapsed_before + now - first_step
@@ -649,8 +395,8 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
                 f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}% (epoch mean{latest}) | "
                 f"test loss {record['test_loss']:.4f} acc {test_acc:.2f}% (error {record['test_error']:.2f}%"
                 + "".join(f", {name} {record[name]:.2f}%" for name in data.extra_metrics) + ") | "
-                f"{record['images_per_s']:.0f} img/s, eval {_fmt_time(record['eval_s'])}, "
-                f"wall {_fmt_time(wall_s)}")
+                f"{record['images_per_s']:.0f} img/s, eval {fmt_time(record['eval_s'])}, "
+                f"wall {fmt_time(wall_s)}")
             if epoch_end:
                 epoch, epoch_step, epoch_train_s, perm = epoch + 1, 0, 0.0, None
                 epoch_sums.zero_()
@@ -674,27 +420,13 @@ def _train(args, rank, world, device, stop=None) -> CapsNet:
         + "".join(f", {name} {record[name]:.2f}%" for name in data.extra_metrics) + ") on "
         f"{record['test_images']} test {'pairs' if args.dataset == 'multimnist' else 'images'} after {step} steps"
         f" ({record['epochs_done']:.2f} epochs), "
-        f"wall {_fmt_time(record['wall_s'])} since the first step")
-    reached = [f">= {t}% first at {_fmt_time(hit['wall_s'])} (epoch {hit['epoch']}, step {hit['step']})"
+        f"wall {fmt_time(record['wall_s'])} since the first step")
+    reached = [f">= {t}% first at {fmt_time(hit['wall_s'])} (epoch {hit['epoch']}, step {hit['step']})"
                for t in MILESTONES if (hit := milestones.get(str(t)))]
     missed = [f"{t}%" for t in MILESTONES if str(t) not in milestones]
     say("test accuracy " + "; ".join(reached + ([f">= {' or '.join(missed)}: not reached"] if missed else [])))
-    say(f"total time {_fmt_time(time.perf_counter() - started)}; checkpoint {checkpoint_path}")
+    say(f"total time {fmt_time(time.perf_counter() - started)}; checkpoint {checkpoint_path}")
     return model
-
-
-def _printer(enabled: bool):
-    """print for process 0 (others are silent), above the progress bar while one is shown."""
-    def say(message: str):
-        if not enabled:
-            return
-        if say.bar is not None and not say.bar.disable:
-            say.bar.write(message)  # above the bar
-            sys.stdout.flush()
-        else:
-            print(message, flush=True)
-    say.bar = None
-    return say
 
 
 def _checkpoint_due(last: float, every_min: float, world: int, device) -> bool:
@@ -705,16 +437,6 @@ def _checkpoint_due(last: float, every_min: float, world: int, device) -> bool:
         dist.broadcast(flag, 0)
         due = bool(flag.item())
     return due
-
-
-def _check_optimizer_state(optimizer, model):
-    """Adam's moments must have the shapes of the parameters they belong to (load_state_dict
-    does not check, and the first step would fail)."""
-    for param in model.parameters():
-        for name, value in optimizer.state.get(param, {}).items():
-            if name != "step" and isinstance(value, torch.Tensor) and value.shape != param.shape:
-                raise ValueError(f"optimizer state {name} has shape {list(value.shape)}, "
-                                 f"its parameter {list(param.shape)}")
 
 
 def _resume_hint(saved) -> str:
@@ -740,4 +462,4 @@ def main(argv=None, prog=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m fastcaps.train"))
+    sys.exit(main(prog="python -m fastcaps.recipes.train"))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Decoder, DigitCaps, PrimaryCaps
+from ..nn import Decoder, DigitCaps, FusedDigitCaps, PrimaryCaps
 
 __all__ = ["CapsNet", "CapsNetOutput", "margin_loss", "reconstruction_loss", "capsnet_loss", "AUTHORS_ARCH",
            "LEGACY_ARCH"]
@@ -65,7 +65,7 @@ class CapsNet(nn.Module):
             raise ValueError(f"input_size must be >= 17 (two 9x9 convolutions), got {input_size}")
         grid = (input_size - 8 - 9) // 2 + 1  # conv1 9x9 stride 1, then PrimaryCaps 9x9 stride 2
         if routing == "fused":
-            from .routing import FusedDigitCaps as digit_caps_cls
+            digit_caps_cls = FusedDigitCaps
         elif routing == "eager":
             digit_caps_cls = DigitCaps
         else:

@@ -3,7 +3,8 @@ import importlib.metadata
 import importlib.util
 import sys
 
-from . import __version__, evaluate, table1, train
+from .. import __version__
+from . import evaluate, table1, train
 
 COMMANDS = {"train": (train.main, "train the CapsNet on MNIST or MultiMNIST (the paper's recipe; --quick: a "
                                    "short CPU run)"),
