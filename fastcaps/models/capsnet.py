@@ -29,6 +29,22 @@ def _trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
     return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
 
 
+@torch.no_grad()
+def authors_init_(weights_and_stds, decoder: Decoder, biases) -> None:
+    """The authors' initialisation (variables.weight_variable / bias_variable, decoder stack):
+    each weight from a normal truncated at 2 std, the decoder's weights with std 0.1, every
+    bias (None: absent) and the decoder's set to 0.1."""
+    for weight, std in weights_and_stds:
+        _trunc_normal_(weight, std)
+    for layer in decoder.net:
+        if isinstance(layer, nn.Linear):
+            _trunc_normal_(layer.weight, 0.1)
+            nn.init.constant_(layer.bias, 0.1)
+    for bias in biases:
+        if bias is not None:
+            nn.init.constant_(bias, 0.1)
+
+
 class CapsNet(nn.Module):
     """Sabour et al. (2017) MNIST CapsNet: 8,215,728 parameters with the decoder.
 
@@ -81,17 +97,9 @@ class CapsNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """The authors' initialisation (variables.weight_variable / bias_variable, decoder stack)."""
-        for weight, std in ((self.conv1.weight, 0.05), (self.primary_caps.conv.weight, 0.1),
-                            (self.digit_caps.weight, 0.1)):
-            _trunc_normal_(weight, std)
-        for layer in self.decoder.net:
-            if isinstance(layer, nn.Linear):
-                _trunc_normal_(layer.weight, 0.1)
-                nn.init.constant_(layer.bias, 0.1)
-        for bias in (self.conv1.bias, self.primary_caps.conv.bias, self.digit_caps.bias):
-            if bias is not None:
-                nn.init.constant_(bias, 0.1)
+        """The authors' initialisation (authors_init_); a learnable prior starts at 0 (the paper's logits)."""
+        authors_init_(((self.conv1.weight, 0.05), (self.primary_caps.conv.weight, 0.1), (self.digit_caps.weight, 0.1)),
+                      self.decoder, (self.conv1.bias, self.primary_caps.conv.bias, self.digit_caps.bias))
         if self.digit_caps.prior is not None:
             nn.init.zeros_(self.digit_caps.prior)
 

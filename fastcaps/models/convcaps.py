@@ -5,14 +5,9 @@ from torch import nn
 
 from ..nn import ConvCaps2d, Decoder, DigitCaps, FusedConvCaps2d, FusedDigitCaps
 from ..ops import reference
-from .capsnet import CapsNetOutput
+from .capsnet import CapsNetOutput, authors_init_
 
 __all__ = ["ConvCapsNet"]
-
-
-def _trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
-    # as CapsNet (the authors' weight_variable): normal(0, std) redrawn outside 2 std
-    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
 
 
 class ConvCapsNet(nn.Module):
@@ -57,15 +52,10 @@ class ConvCapsNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        for weight, std in ((self.conv1.weight, 0.05), (self.primary.weight, 0.1), (self.conv_caps.weight, 0.1),
-                            (self.digit_caps.weight, 0.1)):
-            _trunc_normal_(weight, std)
-        for layer in self.decoder.net:
-            if isinstance(layer, nn.Linear):
-                _trunc_normal_(layer.weight, 0.1)
-                nn.init.constant_(layer.bias, 0.1)
-        for bias in (self.conv1.bias, self.primary.bias, self.conv_caps.bias, self.digit_caps.bias):
-            nn.init.constant_(bias, 0.1)
+        """CapsNet's (the authors') initialisation, the convolutional capsules' W like the digit capsules'."""
+        authors_init_(((self.conv1.weight, 0.05), (self.primary.weight, 0.1), (self.conv_caps.weight, 0.1),
+                       (self.digit_caps.weight, 0.1)),
+                      self.decoder, (self.conv1.bias, self.primary.bias, self.conv_caps.bias, self.digit_caps.bias))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> CapsNetOutput:
         size = self.input_size
