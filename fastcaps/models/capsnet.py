@@ -68,9 +68,15 @@ class CapsNet(nn.Module):
     back to the reference with a warning) or "eager" (DigitCaps, the reference loop). Both have
     the same parameters and state_dict keys, so checkpoints move freely between them.
 
-    forward(x, y=None): the decoder is fed the capsule of class y when labels are given
-    (training) and of the predicted class otherwise (test); all other capsules are masked to 0.
-    Labels of shape [B, T] (T digits per image, MultiMNIST) run the decoder once per label.
+    iterations: R weighted sums of the digit capsules' routing (R - 1 logit updates; the paper
+    uses 3). num_classes: J, the digit capsules (10 of 16-D).
+
+    forward(x [B, 1, S, S], y=None) -> CapsNetOutput(lengths [B, J], reconstruction [B, 1, S, S]
+    ([B, T, 1, S, S] for labels [B, T]), capsules [B, J, 16]). The decoder is fed the capsule of
+    class y when labels are given (training) and of the predicted class otherwise (test); all
+    other capsules are masked to 0. Labels of shape [B, T] (T digits per image, MultiMNIST) run
+    the decoder once per label. The digit capsules' weight is [1152, 10, 16, 8] ([I, J, D, K],
+    û = W u); fastcaps.convert_weight loads another port's.
     """
 
     def __init__(self, routing: str = "fused", iterations: int = 3, num_classes: int = 10, *,

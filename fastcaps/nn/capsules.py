@@ -62,11 +62,15 @@ class DigitCaps(nn.Module):
             authors' code).
         bias: [J, D] = [out_caps, out_dim], only with bias=True; added to s in every
             iteration, before the squash. Initialised to 0 (CapsNet: 0.1, as the authors).
+        prior: [I, J] = [in_caps, out_caps], only with prior=True; learnable initial routing
+            logits b^(0), shared by every sample (what adambielski/CapsNet-pytorch and
+            gram-ai/capsule-networks train). Initialised to 0, so a fresh layer routes as the
+            paper; its gradient is summed over the batch and the iterations.
 
     Iterations: fastcaps counts weighted sums. iterations=R runs R times "c = softmax_j(b),
     s = sum_i c_ij û_ij (+ bias), v = squash(s)" and updates the logits b += û . v between
-    them, R - 1 times; b starts at 0. A port whose loop counts logit updates (its n = 3 runs
-    4 weighted sums) is iterations=n+1 here.
+    them, R - 1 times; b starts at the prior (0 without one). A port whose loop counts logit
+    updates (its n = 3 runs 4 weighted sums) is iterations=n+1 here.
 
     DigitCaps always runs the eager reference (any device; autograd keeps û, [B, I, J, D]).
     FusedDigitCaps is the same layer (same constructor, parameters and state_dict keys) with
@@ -83,6 +87,7 @@ class DigitCaps(nn.Module):
             in_caps, in_dim, out_caps, out_dim: I, K, J, D (ints >= 1); weight is [I, J, D, K].
             iterations: R >= 1 weighted sums (R - 1 logit updates; the paper uses 3).
             bias: add a learnable [J, D] bias to s before the squash, as the authors' code does.
+            prior: learnable [I, J] initial routing logits (initialised to 0) instead of 0.
             leaky: leaky routing (authors' code): an extra logit fixed at 0 joins the softmax
                 over the outputs and is dropped, so the couplings of an input sum to less than 1.
             detach_routing: no gradient through the routing: the couplings of the last
@@ -144,7 +149,7 @@ class DigitCaps(nn.Module):
             nn.init.zeros_(self.prior)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """v [B, J, D] = routing(u [B, I, K], weight, iterations, bias, leaky, detach_routing)."""
+        """v [B, J, D] = routing(u [B, I, K], weight, iterations, bias, prior, leaky, detach_routing)."""
         return type(self)._routing(u, self.weight, self.iterations, bias=self.bias, prior=self.prior,
                                    leaky=self.leaky, detach_routing=self.detach_routing)
 
@@ -164,9 +169,10 @@ class FusedDigitCaps(DigitCaps):
 
     u [B, I, K] -> v [B, J, D] (I = in_caps, K = in_dim, J = out_caps, D = out_dim).
     weight: [I, J, D, K], û_ij = W_ij u_i, initialised N(0, 0.01^2); bias (bias=True): [J, D],
-    added to s before the squash, initialised to 0. Options (iterations, bias, leaky,
-    detach_routing) and the iteration convention (iterations=R: R weighted sums, R - 1 logit
-    updates; a port counting logit updates with n is iterations=n+1): see DigitCaps.
+    added to s before the squash, initialised to 0; prior (prior=True): [I, J] learnable
+    initial logits, initialised to 0. Options (iterations, bias, prior, leaky, detach_routing)
+    and the iteration convention (iterations=R: R weighted sums, R - 1 logit updates; a port
+    counting logit updates with n is iterations=n+1): see DigitCaps.
 
     Device: the Triton kernels run on CUDA tensors, and on CPU tensors under Triton's
     interpreter (TRITON_INTERPRET=1 set before fastcaps is imported; slow, for tests). On a CPU

@@ -200,24 +200,46 @@ def dynamic_routing(u: Tensor, weight: Tensor, iterations: int = 3, *, bias: Ten
                     input_precision: str | None = None, kernels: str | None = None) -> Tensor:
     """Fused dynamic routing; same signature and semantics as fastcaps.reference.dynamic_routing.
 
-    u [B, I, K], weight [I, J, D, K], optional bias [J, D] and prior [I, J] (the initial routing
-    logits b^(0), 0 without one) -> v [B, J, D] in the input dtype (float16, bfloat16, float32 or
-    float64; arithmetic in fp32, fp64 for fp64 inputs). The prior's gradient is summed over the
-    batch and the iterations in a fixed order (deterministic); detach_routing detaches it.
+    Args:
+        u: [B, I, K] input capsules (for CapsNet, the squashed primary capsules).
+        weight: [I, J, D, K], one D x K matrix per (input i, output j): û_ij = W_ij u_i (other
+            layouts, or ports that compute uᵀ W: fastcaps.convert_weight).
+        iterations: R >= 1 weighted sums, with R - 1 logit updates between them (the paper
+            uses 3; a port that counts logit updates with n is iterations=n+1).
+        bias: optional [J, D], added to s before the squash (the authors' code has one).
+        prior: optional [I, J], the initial routing logits b^(0) of every sample (0 without
+            one); its gradient is summed over the batch and the iterations in a fixed order.
+        leaky: an extra logit fixed at 0 joins the softmax over the outputs and is dropped.
+        detach_routing: the couplings of the last iteration are constants (u and W get
+            gradient only through the last weighted sum; the prior gets none).
+        input_precision: how float32 inputs enter the products with W: "ieee" (exact fp32
+            products), "tf32x3" (three tf32 tensor-core products per product, about fp32's
+            accuracy) or "tf32" (one tf32 product with operands rounded to nearest, ~1e-4
+            relative error). Default: follow torch.get_float32_matmul_precision(): "highest"
+            (PyTorch's default) -> "ieee", "high" -> "tf32x3", "medium" -> "tf32".
+            Half-precision inputs use their own tensor-core products with fp32 accumulation.
+        kernels: "tc" or "fma", the kernel family (kernels/routing.py); None takes
+            fastcaps.kernels.routing.tuning(kernels=...), else FASTCAPS_KERNELS, else "fma".
+            The backward runs the family of its forward.
 
-    input_precision: how float32 inputs enter the products with W: "ieee" (exact fp32
-    products), "tf32x3" (three tf32 tensor-core products per product, about fp32's accuracy)
-    or "tf32" (one tf32 product with operands rounded to nearest, ~1e-4 relative error).
-    Default: follow torch.get_float32_matmul_precision(): "highest" (PyTorch's default) ->
-    "ieee", "high" -> "tf32x3", "medium" -> "tf32". Half-precision inputs use their own
-    tensor-core products with fp32 accumulation.
+    Returns:
+        v: [B, J, D] in the input dtype (float16, bfloat16, float32 or float64; arithmetic in
+        fp32, fp64 for fp64 inputs).
 
-    kernels: "tc" or "fma", the kernel family (kernels/routing.py); None takes
-    fastcaps.kernels.routing.tuning(kernels=...), else FASTCAPS_KERNELS, else the default. The
-    backward runs the family of its forward.
+    Per iteration: c = softmax_j(b), s_j = sum_i c_ij û_ij (+ bias_j), v_j = squash(s_j), then
+    b_ij += û_ij . v_j except after the last; gradients flow through every iteration. û is never
+    stored: the forward keeps O(B R J D) routing state per call and the backward recomputes û.
 
-    Under torch.autocast the op casts u, weight and bias to the autocast dtype, like a matmul.
-    Set FASTCAPS_CHECK_FINITE=1 to reject NaN/Inf inputs with an error (costs a device sync).
+    Device: the Triton kernels run on CUDA tensors, and on CPU tensors under Triton's
+    interpreter (TRITON_INTERPRET=1 set before fastcaps is imported; slow, for tests). Anywhere
+    else the call falls back to the eager reference with one RuntimeWarning (same values, the
+    reference's memory). Without Triton installed it raises an ImportError that names the fix.
+    Registered as the custom ops fastcaps::routing_forward / routing_backward, so
+    torch.compile and torch.export see one opaque node.
+
+    Under torch.autocast the op casts u, weight, bias and prior to the autocast dtype, like a
+    matmul. Set FASTCAPS_CHECK_FINITE=1 to reject NaN/Inf inputs with an error (costs a device
+    sync). Bad shapes, dtypes, devices or options raise a TypeError/ValueError naming them.
     """
     if input_precision is None:
         input_precision = _default_precision()
