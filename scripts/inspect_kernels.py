@@ -129,7 +129,7 @@ def compile_launches(batch, shape, dtype, precision, kernels="tc", iterations=3,
                      options=(), dump=None, only=None, skip=()):
     """Compile, for sm_`arch`, every distinct kernel specialisation that the launchers produce
     for one problem (forward, then backward with the given options, e.g. ("leaky",
-    "detach_routing")), except those named in `skip` and, with `only`, those whose names contain
+    "detach_routing", "prior")), except those named in `skip` and, with `only`, those whose names contain
     none of its parts. Yields (name, grid, record); the record also names the @triton.jit
     function, its integer and boolean constexprs (the launch's BLOCK sizes, flags) and the
     seconds the compilation took."""
@@ -137,6 +137,7 @@ def compile_launches(batch, shape, dtype, precision, kernels="tc", iterations=3,
     u = torch.randn(batch, in_caps, in_dim, dtype=dtype)
     weight = torch.randn(in_caps, out_caps, out_dim, in_dim, dtype=dtype)
     bias = torch.randn(out_caps, out_dim, dtype=dtype) if "bias" in options else None
+    prior = torch.randn(in_caps, out_caps, dtype=dtype) if "prior" in options else None
     target = lambda device, num_warps: 16 * sms // num_warps  # noqa: E731 (CPU tensors stand in for a GPU)
     saved_targets = {module: module.program_target for module in KERNELS}
     dump = dump or tempfile.mkdtemp(prefix="fastcaps-kernels-")
@@ -145,10 +146,10 @@ def compile_launches(batch, shape, dtype, precision, kernels="tc", iterations=3,
             module.program_target = target
         with common.tuning(**(overrides or {})), capture_launches() as launches:
             v, s_all, v_sums = routing.routing_forward(u, weight, bias, iterations, "leaky" in options, precision,
-                                                       kernels)
+                                                       kernels, prior)
             # (the buffers hold garbage: nothing ran; only the launches matter)
             routing.routing_backward(torch.ones_like(v), u, weight, s_all, v_sums, iterations, "leaky" in options,
-                                     "detach_routing" in options, precision, kernels)
+                                     "detach_routing" in options, precision, kernels, prior)
     finally:
         for module, fn in saved_targets.items():
             module.program_target = fn
@@ -177,7 +178,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     parser.add_argument("--precision", default="tf32x3", choices=list(routing.PRECISIONS))
     parser.add_argument("--kernels", default="tc", choices=["tc", "fma"])
-    parser.add_argument("--options", default="", help="comma-separated: bias, leaky, detach_routing")
+    parser.add_argument("--options", default="", help="comma-separated: bias, prior, leaky, detach_routing")
     parser.add_argument("--tuning", default="", help="overrides, e.g. 'tc_block_b=32,tc_num_warps=2'")
     parser.add_argument("--only", default="", help="comma-separated parts of the kernel names to compile")
     parser.add_argument("--arch", type=int, default=90)
@@ -187,6 +188,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     overrides = {key: int(value) for key, value in (item.split("=") for item in args.tuning.split(",") if item)}
     options = tuple(o for o in args.options.split(",") if o)
+    unknown = sorted(set(options) - {"bias", "prior", "leaky", "detach_routing"})
+    if unknown:
+        parser.error(f"--options: unknown {', '.join(unknown)} (known: bias, prior, leaky, detach_routing)")
     launches = compile_launches(args.batch, args.shape, getattr(torch, args.dtype), args.precision, args.kernels,
                                 args.iterations, overrides, args.arch, args.sms, options, args.dump,
                                 [part for part in args.only.split(",") if part])

@@ -228,13 +228,14 @@ def canonical(config):
     return family, tuple(shape), dtype, precision, tuple(options)
 
 
-def measure(config, batch=128, iterations=3, dump=None, only=None, skip=()):
+def measure(config, batch=128, iterations=3, dump=None, only=None, skip=(), overrides=None):
     """Compile one config's kernels (those whose names contain a part in `only`, if given, and
-    are not in `skip`) and cost them; [row] with the config, kernel name, role, registers, stack
+    are not in `skip`), with the launch parameters `overrides` (tuning keys), and cost them; [row] with the config, kernel name, role, registers, stack
     bytes, shared memory, main-loop cost and issue-bound time per pass."""
     family, shape, dtype, precision, options = canonical(config)
     launches = inspect_kernels.compile_launches(batch, shape, getattr(torch, dtype), precision, family, iterations,
-                                                options=options, dump=dump, only=only, skip=skip)
+                                                overrides=overrides, options=options, dump=dump, only=only,
+                                                skip=skip)
     rows = []
     for name, grid, record in launches:
         with open(record["sass"]) as f:
@@ -353,7 +354,8 @@ def main(argv=None):
     parser.add_argument("--shape", type=int, nargs=4, default=list(MNIST), metavar=("I", "J", "D", "K"))
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     parser.add_argument("--precision", default="tf32x3", choices=["ieee", "tf32x3", "tf32"])
-    parser.add_argument("--options", default="", help="comma-separated: bias, leaky, detach_routing")
+    parser.add_argument("--options", default="", help="comma-separated: bias, prior, leaky, detach_routing")
+    parser.add_argument("--tuning", default="", help="one problem: launch overrides, e.g. 'grad_num_warps=2'")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--only", default="", help="one problem: comma-separated parts of the kernel names to compile")
@@ -370,7 +372,9 @@ def main(argv=None):
         config = (args.kernels, tuple(args.shape), args.dtype, args.precision,
                   tuple(o for o in args.options.split(",") if o))
         rows = measure(config, args.batch, args.iterations, only=[part for part in args.only.split(",") if part],
-                       skip=[name for name in args.skip.split(",") if name])
+                       skip=[name for name in args.skip.split(",") if name],
+                       overrides={key: int(value) for key, value in (item.split("=") for item in args.tuning.split(",")
+                                                                    if item)})
     else:
         rows = run_configs(REPORT_SET + OPTION_SET, [sys.executable] + args.python, args.batch, args.iterations,
                            args.workers)
