@@ -114,7 +114,8 @@ def test_precisions_against_float64(kernel_device, family):
     """Each input_precision's error against float64. The tc kernels round their operands to tf32
     themselves, so a tf32 product of them is exact and the interpreter computes what the GPU
     computes (fp32 accumulation aside). The fma kernels have exact products for tf32x3."""
-    u, weight, _, grad = make_inputs((6, 13, 10, 16, 8), torch.float32, kernel_device, u_scale=3.0)
+    # the MNIST capsule sizes; 7 capsules: one full chunk of 4 and a partial one (tc)
+    u, weight, _, grad = make_inputs((4, 7, 10, 16, 8), torch.float32, kernel_device, u_scale=3.0)
     errors, outputs = {}, {}
     for precision in ("ieee", "tf32x3", "tf32"):
         outs, refs = fused_and_reference(u, weight, None, grad, 3, input_precision=precision)
@@ -156,10 +157,20 @@ LAUNCH_CONFIGS = {
 }
 
 
+# The problem the launch configurations above run on, per family: the smallest B and I at which
+# each configuration keeps what the earlier (33, 21) problem exercised: several batch tiles with a
+# partial last one (fma: B = 17 in tiles of 2, 4 and 8; tc: B = 33 in forward tiles of 16 and 32
+# and 3 backward tiles of 16, so grad_batch_splits = 2 has a split of two tiles), a partial last
+# chunk and split of i (fma: 13 capsules in splits of 5, 5, 3; tc: 7 chunks of 2, the last with
+# one capsule, in splits of 3, 3, 1), and more requested splits (37, 19) than capsules or chunks.
+# The interpreter's time grows with B * I.
+LAUNCH_SHAPES = {"fma": (17, 13, 3, 7, 5), "tc": (33, 13, 3, 7, 5)}
+
+
 @pytest.mark.parametrize("config", range(3), ids=["many-splits", "one-split", "most-splits"])
 def test_launch_configurations_agree(config, kernel_device, family):
     """Every split of the reductions over i and over the batch computes the same function."""
-    u, weight, bias, grad = make_inputs((33, 21, 3, 7, 5), torch.float64, kernel_device, bias=True)
+    u, weight, bias, grad = make_inputs(LAUNCH_SHAPES[family], torch.float64, kernel_device, bias=True)
     with kernels.tuning(**LAUNCH_CONFIGS[family][config]):
         outs, refs = fused_and_reference(u, weight, bias, grad, 3, leaky=True)
     for name, out, ref in zip(("v", "du", "dW", "dbias"), outs, refs):
@@ -185,7 +196,7 @@ def test_every_output_is_written(kernel_device, monkeypatch, family):
         out = real_empty(*args, **kwargs)
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
-    u, weight, bias, grad = make_inputs((17, 21, 3, 7, 5), torch.float32, kernel_device, bias=True)
+    u, weight, bias, grad = make_inputs(LAUNCH_SHAPES[family], torch.float32, kernel_device, bias=True)
     u, weight, bias = (t.requires_grad_() for t in (u, weight, bias))
     monkeypatch.setattr(torch, "empty", poisoned_empty)
     for options in (dict(), dict(detach_routing=True), dict(leaky=True)):
@@ -280,7 +291,7 @@ def test_fused_path_does_not_fall_back(kernel_device, monkeypatch, family):
 
 
 def test_backward_is_deterministic(kernel_device, family):
-    u, weight, _, grad = make_inputs((17, 21, 3, 7, 5), torch.float32, kernel_device)
+    u, weight, _, grad = make_inputs(LAUNCH_SHAPES[family], torch.float32, kernel_device)
     results = []
     for _ in range(2):
         with kernels.tuning(**LAUNCH_CONFIGS[family][0]):
@@ -509,8 +520,9 @@ def test_prior_gradient_is_deterministic_and_written(config, kernel_device, fami
         out = real_empty(*args, **kwargs)
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
-    u, weight, _, grad = make_inputs((33, 21, 3, 7, 5), torch.float64, kernel_device)
-    prior = make_prior(21, 3, torch.float64, kernel_device)
+    shape = LAUNCH_SHAPES[family]
+    u, weight, _, grad = make_inputs(shape, torch.float64, kernel_device)
+    prior = make_prior(shape[1], shape[2], torch.float64, kernel_device)
     monkeypatch.setattr(torch, "empty", poisoned_empty)
     results = []
     for _ in range(2):
