@@ -1,4 +1,5 @@
-"""Shared machinery of the routing benchmarks: providers, inputs, passes, timing, memory.
+"""Shared machinery of the routing benchmarks: providers, inputs, passes, timing, memory (the
+timing, memory, compile warm-up and environment functions also serve benchmarks/convcaps.py).
 
 What one measurement times (`measure`): every repetition starts from an idle device (the
 host synchronises before the start mark), so a time is the latency of one call including the
@@ -177,17 +178,21 @@ def compile_warmup(compiled, dtype: torch.dtype, device: torch.device, shape: di
     The dynamic graph is compiled at the largest batch (smaller ones after an OOM): inductor
     picks its kernels' launch configurations from the sizes it compiles at, and a graph tuned
     for a tiny batch would handicap torch.compile where it matters most."""
+    return warm_up_graphs(lambda batch: _first_calls(compiled, dtype, device, shape, batch), device, batches)
+
+
+def warm_up_graphs(first_calls, device: torch.device, batches) -> list[dict]:
+    """compile_warmup's policy for any compiled function: first_calls(batch) makes (and times)
+    the first forward and backward calls at one batch size and returns their record."""
     records = []
     dynamic = sorted((b for b in batches if b >= 2), reverse=True)
     for batch in dynamic:
-        record = {"graph": "dynamic batch (B >= 2)", "batch": batch,
-                  **guarded(lambda: _first_calls(compiled, dtype, device, shape, batch), device)}
+        record = {"graph": "dynamic batch (B >= 2)", "batch": batch, **guarded(lambda: first_calls(batch), device)}
         records.append(record)
         if record["status"] != "oom":
             break
     if 1 in batches:
-        records.append({"graph": "B = 1 (specialised)", "batch": 1,
-                        **guarded(lambda: _first_calls(compiled, dtype, device, shape, 1), device)})
+        records.append({"graph": "B = 1 (specialised)", "batch": 1, **guarded(lambda: first_calls(1), device)})
     return records
 
 
@@ -202,9 +207,15 @@ def input_set_bytes(batch: int, dtype: torch.dtype, shape: dict) -> int:
 def input_sets_needed(batch: int, dtype: torch.dtype, device: torch.device, shape: dict) -> int:
     """Sets to rotate so that consecutive uses of one set are 3x the L2 size apart; 1 on the
     CPU, where the timings are a smoke test of the harness, not results."""
+    return input_sets_for(input_set_bytes(batch, dtype, shape), device)
+
+
+def input_sets_for(set_bytes: int, device: torch.device) -> int:
+    """Sets of `set_bytes` each to rotate so that consecutive uses of one set are 3x the L2 size
+    apart (at most MAX_INPUT_SETS); 1 on the CPU."""
     if device.type != "cuda":
         return 1
-    needed = math.ceil(3 * l2_cache_bytes(device) / input_set_bytes(batch, dtype, shape))
+    needed = math.ceil(3 * l2_cache_bytes(device) / set_bytes)
     return max(1, min(MAX_INPUT_SETS, needed))
 
 

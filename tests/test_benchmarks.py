@@ -1,7 +1,7 @@
-"""The benchmark harness (benchmarks/): cost model against hand counts, the sweep's --quick mode
-and the pytest-benchmark suite (subprocesses, as CI runs them; on the GPU where there is one,
-else on the CPU without the fused provider), the report writers on a GPU-like result, and how
-failures are recorded."""
+"""The benchmark harness (benchmarks/): cost model against hand counts, the sweep's --quick mode,
+the conv capsule benchmark's --quick mode and the pytest-benchmark suite (subprocesses, as CI
+runs them; on the GPU where there is one, else on the CPU without the fused provider), the
+report writers on a GPU-like result, and how failures are recorded."""
 import json
 import os
 import subprocess
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import harness, report, roofline
+from benchmarks import convcaps, harness, report, roofline
 
 REPO = Path(__file__).resolve().parent.parent
 MNIST = harness.MNIST_SHAPE
@@ -246,3 +246,59 @@ def test_pytest_benchmark_suite_runs(tmp_path):
         assert info["float32_matmul_precision"] == "highest" and info["fused_input_precision"] == "ieee"
         assert info["first_call_ms"] > 0 and (info["peak_mb"] is not None) == CUDA
         assert bench["group"] == f"routing {info['pass']} float32 B=2" and bench["stats"]["rounds"] >= 5
+
+
+# ----------------------------------------------------------------------------- conv capsule layers
+
+def test_convcaps_quick_writes_json_and_markdown(tmp_path):
+    out = _run(["-m", "benchmarks.convcaps", "--quick", "--out-dir", str(tmp_path)])
+    assert "Ratios fused / eager" in out
+    result = json.loads((tmp_path / f"{STEM}-convcaps.json").read_text())
+    assert result["schema"] == "fastcaps-bench-convcaps/1" and result["complete"]
+    assert result["device"]["type"] == DEVICE.type and result["versions"]["torch"] == torch.__version__
+    assert result["precision"]["float32_matmul_precision"] == "highest"
+    assert result["precision"]["fused_input_precision"] == "ieee"
+    cfg = result["config"]
+    assert cfg["quick"] and cfg["providers"] == ["eager", "fused"] and cfg["passes"] == ["fwd", "fwd+bwd"]
+    assert set(cfg["layers"]) == {"segcaps-like", "deepcaps-like"}
+    segcaps = cfg["layers"]["segcaps-like"]
+    assert (segcaps["kernel_size"], segcaps["padding"]) == (5, 2) and segcaps["output"] == [8, 8]
+    assert segcaps["routing_shape"] == {"per_offset": [100, 4, 4, 4], "per_type": [4, 4, 4, 100]}
+    rows = result["rows"]
+    assert sorted((r["layer"], r["transform"], r["provider"], r["pass"], r["batch"]) for r in rows) == sorted(
+        (layer, t, p, s, b) for layer in ("segcaps-like", "deepcaps-like") for t in ("per_offset", "per_type")
+        for p in ("eager", "fused") for s in ("fwd", "fwd+bwd") for b in (2, 4))
+    for row in rows:
+        assert row["dtype"] == "float32" and row["iterations"] == 3
+        if row["provider"] == "fused" and not CUDA:
+            assert row["status"] == "skipped" and "CUDA" in row["reason"] and "median_ms" not in row
+            continue
+        assert row["status"] == "ok", row
+        assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"] and row["first_call_ms"] > 0
+        assert row["reps"] >= 3 and row["input_sets"] >= 1
+        if CUDA:
+            assert row["peak_mb"] > 0
+        else:
+            assert row["peak_mb"] is None
+    assert len(result["ratios"]) == (16 if CUDA else 0)
+    assert result["compile"] == []
+    md = (tmp_path / f"{STEM}-convcaps.md").read_text()
+    assert "## deepcaps-like per_type, fwd+bwd, float32" in md and "| batch | eager ms | fused ms | eager MB | fused MB |" in md
+    assert "peak memory is measured on CUDA only" in md
+    assert ("No fused measurements on this device." in md) != CUDA
+
+
+def test_convcaps_providers_share_parameters(kernel_device):
+    # tiny: the fused layer runs in Triton's interpreter without a GPU
+    spec = convcaps.QUICK_LAYERS["deepcaps-like"]
+    device = torch.device(kernel_device)
+    layers = convcaps.make_layers(spec, "per_type", ("eager", "fused"), torch.float32, device)
+    assert set(layers) == {"eager", "fused"}
+    for name, tensor in layers["eager"].state_dict().items():
+        assert torch.equal(layers["fused"].state_dict()[name], tensor)
+    (inputs,) = convcaps.make_inputs(spec, layers["eager"], 1, torch.float32, device, n_sets=1)
+    assert inputs["x"].requires_grad and inputs["grad_v"].shape == (1, 4, 4, 6, 6)
+    torch.testing.assert_close(layers["fused"](inputs["x"]), layers["eager"](inputs["x"]))
+    prepare, timed = convcaps.make_pass("fwd+bwd", layers["eager"], tuple(layers["eager"].parameters()), [inputs])
+    timed(prepare(0))
+    assert inputs["x"].grad is None and all(p.grad is None for p in layers["eager"].parameters())
