@@ -15,7 +15,6 @@ import torch
 import fastcaps
 from fastcaps import reference
 from fastcaps.kernels import routing as kernels
-from fastcaps.ops.routing import FusedRoutingFunction
 
 # relative-norm tolerance of the fused op against the float64 reference, per input dtype
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -77,9 +76,12 @@ SHAPES = [  # B, I, J, D, K
 ]
 
 
-# (shape, iterations): R = 1, 2, 3 at every shape, R = 5 (more reverse passes of the same
-# kernels) at the cheap ones: the interpreter's time grows with B * I * R
-CASES = [(shape, r) for shape in SHAPES for r in (1, 2, 3)] + [(SHAPES[0], 5), (SHAPES[3], 5)]
+# (shape, iterations): R = 1, 2, 3 at every shape (but R = 2, the one reverse pass that is both
+# the top and the bottom one, at the MNIST capsule sizes, the most expensive shape; the other
+# three have it), R = 5 (more reverse passes of the same kernels) at the cheap ones: the
+# interpreter's time grows with B * I * R
+CASES = [(shape, r) for shape in SHAPES for r in (1, 2, 3) if (shape, r) != (SHAPES[2], 2)] + [(SHAPES[0], 5),
+                                                                                              (SHAPES[3], 5)]
 
 
 @pytest.mark.parametrize("shape, iterations", CASES, ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple)
@@ -162,13 +164,13 @@ LAUNCH_CONFIGS = {
 
 # The problem the launch configurations above run on, per family: the smallest B and I at which
 # each configuration keeps what the earlier (33, 21) problem exercised: several batch tiles with a
-# partial last one (fma: B = 17 in tiles of 2, 4 and 8; tc: B = 33 in forward tiles of 16 and 32
-# and 3 backward tiles of 16, so grad_batch_splits = 2 has a split of two tiles), a partial last
-# chunk and split of i (fma: 13 capsules in splits of 5, 5, 3; tc: 7 chunks of 2, the last with
-# one capsule, in splits of 3, 3, 1), and more requested splits (37, 19) than capsules or chunks.
-# The interpreter's time grows with B * I.
-LAUNCH_SHAPES = {"fma": (17, 13, 3, 7, 5), "tc": (33, 13, 3, 7, 5)}
-
+# partial last one (fma: B = 9 in 5, 3 and 2 tiles of 2, 4 and 8, and 3 chunks of 2 tiles, the last
+# partial; tc: B = 33 in forward tiles of 16 and 32 and 3 backward tiles of 16, so
+# grad_batch_splits = 2 has a split of two tiles), a partial last chunk and split of i (fma: 13
+# capsules in splits of 5, 5, 3; tc: 7 chunks of 2, the last with one capsule, in splits of
+# 3, 3, 1), and more requested splits (37, 19) than capsules or chunks. The interpreter's time
+# grows with B * I.
+LAUNCH_SHAPES = {"fma": (9, 13, 3, 7, 5), "tc": (33, 13, 3, 7, 5)}
 
 @pytest.mark.parametrize("config", range(3), ids=["many-splits", "one-split", "most-splits"])
 def test_launch_configurations_agree(config, kernel_device, family):
