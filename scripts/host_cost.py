@@ -17,7 +17,8 @@ implementations would otherwise stand in on meta). With --device cpu the torch o
 on the CPU, which at this shape costs far more than their host work (a copy of W alone is
 milliseconds). Launch configurations are those of a GPU of --sms multiprocessors.
 
-    python scripts/host_cost.py [--batch 1 16 128] [--calls 200] [--device meta|cpu] [--json]
+    python scripts/host_cost.py [--batch 1 16 128] [--options bias,prior,leaky,detach_routing]
+                                [--calls 200] [--device meta|cpu] [--ops] [--json]
 
 Run it without TRITON_INTERPRET=1, so that the launchers are plain Python.
 """
@@ -74,9 +75,11 @@ def _storages(tensors):
 
 
 def _kind(func, args, kwargs, out):
-    """"view" (every output aliases an input: a view, or a no-op such as .contiguous() of a
-    contiguous tensor), "alloc" (an uninitialised tensor) or "compute" (a device kernel on a GPU:
-    a fill, copy, cast or reduction)."""
+    """"compute" (a device kernel on a GPU: a fill, copy, cast or reduction, in place, out= or
+    not), "view" (every output aliases an input: a view, or a no-op such as .contiguous() of a
+    contiguous tensor) or "alloc" (an uninitialised tensor)."""
+    if any(arg.alias_info is not None and arg.alias_info.is_write for arg in func._schema.arguments):
+        return "compute"  # writes into a tensor: in place (copy_, fill_, zero_) or out=
     outs = out if isinstance(out, (tuple, list)) else (out,)
     if _storages(outs) <= _storages(list(args) + list(kwargs.values())):
         return "view"
@@ -100,36 +103,44 @@ def _host_only(sms):
 
 
 def measure(family, dtype, batch, shape=(1152, 10, 16, 8), iterations=3, calls=200, device="meta", sms=132,
-            options=None):
-    """Counts and host time of one forward and one backward call; a dict."""
+            options=()):
+    """Counts and host time of one forward and one backward call; a dict. options: any of
+    "bias", "prior" (each a learnable input), "leaky", "detach_routing"."""
     in_caps, out_caps, out_dim, in_dim = shape
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     precision = CASES.get((family, str(dtype).split(".")[-1]), "ieee")
-    options = dict(options or {})
-    u = torch.empty(batch, in_caps, in_dim, dtype=dtype, device=device).requires_grad_()
-    weight = torch.empty(in_caps, out_caps, out_dim, in_dim, dtype=dtype, device=device).requires_grad_()
-    grad = torch.empty(batch, out_caps, out_dim, dtype=dtype, device=device)
-    if device == "cpu":
-        for t in (u, weight, grad):
-            t.data.normal_()
-    forward = lambda: fastcaps.dynamic_routing(u, weight, iterations, input_precision=precision,  # noqa: E731
-                                               kernels=family, **options)
-    backward = lambda v: torch.autograd.grad(v, (u, weight), grad)  # noqa: E731
+    options = tuple(options)
+    make = lambda *size: torch.empty(size, dtype=dtype, device=device)  # noqa: E731
+    u, weight = make(batch, in_caps, in_dim), make(in_caps, out_caps, out_dim, in_dim)
+    bias = make(out_caps, out_dim) if "bias" in options else None
+    prior = make(in_caps, out_caps) if "prior" in options else None
+    grad = make(batch, out_caps, out_dim)
+    leaves = [t for t in (u, weight, bias, prior) if t is not None]
+    for t in leaves + [grad]:
+        if device == "cpu":
+            t.normal_()
+    for t in leaves:
+        t.requires_grad_()
+    forward = lambda: fastcaps.dynamic_routing(  # noqa: E731
+        u, weight, iterations, bias=bias, prior=prior, leaky="leaky" in options,
+        detach_routing="detach_routing" in options, input_precision=precision, kernels=family)
+    backward = lambda v: torch.autograd.grad(v, leaves, grad, allow_unused=True)  # noqa: E731
     record = dict(family=family, dtype=str(dtype).split(".")[-1], precision=precision, batch=batch,
-                  shape=list(shape), iterations=iterations, device=device)
+                  shape=list(shape), iterations=iterations, options=list(options), device=device)
     with _host_only(sms) as launches:
-        for name, call in (("fwd", forward), ("bwd", None)):
-            if name == "bwd":
-                with _RealOps():
-                    v = forward()
+        with _RealOps():
+            backward(forward())  # plans built: the counts are those of every later call
+        with _RealOps():
+            v0 = forward()
+        for name, call in (("fwd", forward), ("bwd", lambda: backward(v0))):
             ops, count = [], len(launches)
             with _RealOps(ops):
-                call() if name == "fwd" else backward(v)
+                call()
             kinds = collections.Counter(kind for _, kind in ops)
             record[name] = dict(launches=len(launches) - count, ops=len(ops), views=kinds["view"],
                                 allocs=kinds["alloc"], compute=kinds["compute"],
                                 kernels=len(launches) - count + kinds["compute"],
-                                op_names=[name for name, _ in ops])
+                                op_names=[op for op, _ in ops])
         with _RealOps():
             times = collections.defaultdict(list)
             for step in range(calls + calls // 10):  # the first tenth warms up
@@ -155,6 +166,7 @@ def main(argv=None):
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--families", nargs="+", default=["fma", "tc"], choices=["fma", "tc"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--options", default="", help="comma-separated: bias, prior, leaky, detach_routing")
     parser.add_argument("--calls", type=int, default=200, help="timed calls per case (median)")
     parser.add_argument("--device", default="meta", choices=["meta", "cpu"])
     parser.add_argument("--sms", type=int, default=132, help="multiprocessors of the GPU the configs are for")
@@ -163,18 +175,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if routing.INTERPRET:
         parser.error("run without TRITON_INTERPRET=1: the launchers must be plain Python")
-    records = [measure(family, dtype, batch, tuple(args.shape), args.iterations, args.calls, args.device, args.sms)
-               for family in args.families for dtype in args.dtypes for batch in args.batch]
+    options = tuple(option for option in args.options.split(",") if option)
+    records = [measure(family, dtype, batch, tuple(args.shape), args.iterations, args.calls, args.device, args.sms,
+                       options) for family in args.families for dtype in args.dtypes for batch in args.batch]
     if args.json:
         print(json.dumps(records))
         return 0
-    print(f"# shape I,J,D,K={args.shape} R={args.iterations} device={args.device} sms={args.sms} "
+    print(f"# shape I,J,D,K={args.shape} R={args.iterations} options={options} device={args.device} sms={args.sms} "
           f"torch {torch.__version__}; ops = views + allocs + compute; kernels = launches + compute")
     print(f"{'family':6} {'dtype':8} {'prec':6} {'B':>4} | {'fwd: launch':>11} {'ops':>4} {'(v/a/c)':>9} "
           f"{'kern':>4} {'host µs':>8} | {'bwd: launch':>11} {'ops':>4} {'(v/a/c)':>9} {'kern':>4} {'host µs':>8}")
     for r in records:
-        cells = [f"{r[n]['launches']:>11} {r[n]['ops']:>4} {'%d/%d/%d' % (r[n]['views'], r[n]['allocs'], r[n]['compute']):>9} "
-                 f"{r[n]['kernels']:>4} {r[n]['host_us']:>8.1f}" for n in ("fwd", "bwd")]
+        kinds = {n: f"{r[n]['views']}/{r[n]['allocs']}/{r[n]['compute']}" for n in ("fwd", "bwd")}
+        cells = [f"{r[n]['launches']:>11} {r[n]['ops']:>4} {kinds[n]:>9} {r[n]['kernels']:>4} {r[n]['host_us']:>8.1f}"
+                 for n in ("fwd", "bwd")]
         print(f"{r['family']:6} {r['dtype']:8} {r['precision']:6} {r['batch']:>4} | {cells[0]} | {cells[1]}")
         if args.ops:
             for n in ("fwd", "bwd"):
