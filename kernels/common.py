@@ -11,7 +11,7 @@ import triton.language as tl
 # Triton decides at decoration time whether a kernel is interpreted, so read the switch once.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["INTERPRET", "state_dtype", "tuning", "tuned", "program_target"]
+__all__ = ["INTERPRET", "state_dtype", "tuning", "tuned", "tuning_key", "cached_plan", "program_target"]
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -22,6 +22,7 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------- launch overrides
 
 _TUNING = {}
+_TUNING_KEY = ()  # the active overrides as a hashable, sorted tuple: part of every cached launch plan's key
 TUNING_KEYS = {
     "kernels": "kernel family: 'tc' (tensor-core dots) or 'fma' (the first kernels: outer-product "
                "FMAs, one warp per 4 samples); see kernels/routing.py",
@@ -55,18 +56,48 @@ def tuning(**overrides):
         raise ValueError(f"unknown tuning keys: {sorted(unknown)}; known: {sorted(TUNING_KEYS)}")
     if overrides.get("kernels", "tc") not in ("tc", "fma"):
         raise ValueError(f"kernels must be 'tc' or 'fma', got {overrides['kernels']!r}")
-    saved = dict(_TUNING)
+    global _TUNING_KEY
+    saved = dict(_TUNING), _TUNING_KEY
     _TUNING.update(overrides)
+    _TUNING_KEY = tuple(sorted(_TUNING.items()))
     try:
         yield
     finally:
         _TUNING.clear()
-        _TUNING.update(saved)
+        _TUNING.update(saved[0])
+        _TUNING_KEY = saved[1]
 
 
 def tuned(key: str, default):
     """The override of `key` if one is active, else `default`."""
     return _TUNING.get(key, default)
+
+
+def tuning_key() -> tuple:
+    """The active overrides, hashable: launch plans cached under it never outlive a tuning block."""
+    return _TUNING_KEY
+
+
+# Launch plans: what the launchers derive from the shapes, dtypes, device, options and overrides
+# alone (launch parameters, grids, the kernels' constants), built once per key, not per call.
+_PLANS = {}
+MAX_PLANS = 256  # a bound, for processes that see many shapes (then rebuilt as needed)
+
+
+def cached_plan(key, build):
+    """_PLANS[key], built by build() on first use."""
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = build()
+    return plan
+
+
+def bias_grad_of(ds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dbias = ds summed over its rows r and the batch (ds [rows, B, J, D]), in `dtype`."""
+    grad_bias = ds.sum(dim=(0, 1))
+    return grad_bias if grad_bias.dtype == dtype else grad_bias.to(dtype)
 
 
 def program_target(device: torch.device, num_warps: int) -> int:

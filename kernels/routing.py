@@ -87,13 +87,14 @@ def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, s_all: torch.Tensor,
                      v_sums: torch.Tensor, iterations: int, leaky: bool, detach_routing: bool,
-                     input_precision: str, kernels: str, prior: torch.Tensor | None = None):
-    """(du, dW, dbias, dprior) for the incoming grad_v (any strides); dprior is None without a
-    prior and zeros under detach_routing (which detaches the prior)."""
+                     input_precision: str, kernels: str, prior: torch.Tensor | None = None, bias_grad: bool = True):
+    """(du, dW, dbias, dprior) for the incoming grad_v (any strides); dbias is None unless
+    bias_grad (the forward had a bias: ds summed over the batch, else a reduction for nothing);
+    dprior is None without a prior and zeros under detach_routing (which detaches the prior)."""
     if u.shape[0] == 0:
         _, out_caps, out_dim, _ = weight.shape
-        return (torch.zeros_like(u), torch.zeros_like(weight), u.new_zeros(out_caps, out_dim),
+        return (torch.zeros_like(u), torch.zeros_like(weight), u.new_zeros(out_caps, out_dim) if bias_grad else None,
                 None if prior is None else torch.zeros_like(prior))
     family, precision = _family(u, input_precision, kernels)
     return family.routing_backward(grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing, precision,
-                                   prior)
+                                   prior, bias_grad)

@@ -6,7 +6,7 @@ Reductions over i (forward and reverse passes) are split over programs: each pro
 batch tile writes a partial sum, and the last program to finish (an atomic counter per batch
 tile, integer, used only as a semaphore) adds the partials in a fixed order, so results do not
 depend on scheduling. dW is reduced over the batch inside a program, then over a few batch
-chunks by torch.sum: deterministic, no float atomics.
+chunks by one torch.sum that also transposes it: deterministic, no float atomics.
 
 Shape of the work (measured on an H200, see scripts/tune_routing.py): every program is one
 warp over a tile of 4 samples. The softmax over j then stays inside the warp (no barriers),
@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MAX_SPLITS, arrive, program_target, round_tf32, squash, squash_backward, state_dtype,
-                     sum_partials, tuned)
+from .common import (MAX_SPLITS, arrive, bias_grad_of, cached_plan, program_target, round_tf32, squash,
+                     squash_backward, state_dtype, sum_partials, tuned, tuning_key)
 
 __all__ = ["routing_forward", "routing_backward"]
 
@@ -352,29 +352,63 @@ class _Config:
         self.grad_i_progs = triton.cdiv(in_caps, self.grad_i_per_prog)
 
 
-def _transposed(weight: torch.Tensor):
-    """W copied to [I, K, J, D] and its strides in (i, j, d, k) order: every W_i[:, :, k] slice
-    the kernels load is then a contiguous [J, D] block (16-byte vector loads)."""
-    w_t = weight.permute(0, 3, 1, 2).contiguous()
-    return w_t, (w_t.stride(0), w_t.stride(2), w_t.stride(3), w_t.stride(1))
+def _transposed(weight: torch.Tensor) -> torch.Tensor:
+    """W copied to [I, K, J, D]: every W_i[:, :, k] slice the kernels load is then a contiguous
+    [J, D] block (16-byte vector loads). Its strides in (i, j, d, k) order are Plan.w_strides."""
+    return weight.permute(0, 3, 1, 2).contiguous()
 
 
-def _shape_constants(u: torch.Tensor, weight: torch.Tensor, block_b: int, input_precision: str, stages: int):
-    _, out_caps, out_dim, in_dim = weight.shape
-    return dict(J=out_caps, D=out_dim, K=in_dim, BLOCK_B=block_b, BLOCK_J=triton.next_power_of_2(out_caps),
-                BLOCK_D=triton.next_power_of_2(out_dim), ACC=tl.float64 if u.dtype == torch.float64 else tl.float32,
-                TF32=input_precision == "tf32" and u.dtype == torch.float32, STAGES=stages)
+class _Plan:
+    """What the launches of one problem share and derive from its shapes, dtypes, device, options
+    and overrides alone, built once (common.cached_plan): the launch parameters, the buffers'
+    shapes, the strides of W transposed, and per launch its grid and keyword arguments."""
+
+    def __init__(self, u: torch.Tensor, weight: torch.Tensor, input_precision: str, iterations: int, leaky: bool,
+                 has_bias: bool, has_prior: bool, detach_routing: bool):
+        batch, in_caps, in_dim = u.shape
+        _, out_caps, out_dim, _ = weight.shape
+        cfg = self.cfg = _Config(u, weight)
+        self.state_dtype = state_dtype(u.dtype)
+        self.state_size = batch * out_caps * out_dim
+        self.state_shape = (batch, out_caps, out_dim)
+        # W transposed is contiguous [I, K, J, D]; its strides in (i, j, d, k) order
+        self.w_strides = (in_dim * out_caps * out_dim, out_dim, 1, out_caps * out_dim)
+        constants = dict(J=out_caps, D=out_dim, K=in_dim, BLOCK_B=cfg.block_b,
+                         BLOCK_J=triton.next_power_of_2(out_caps), BLOCK_D=triton.next_power_of_2(out_dim),
+                         ACC=tl.float64 if u.dtype == torch.float64 else tl.float32,
+                         TF32=input_precision == "tf32" and u.dtype == torch.float32, STAGES=cfg.stages)
+        self.pass_grid = (cfg.n_tiles, cfg.n_splits)
+        # forward: pass r
+        self.forward_kwargs = [dict(HAS_BIAS=has_bias, HAS_PRIOR=has_prior, LEAKY=leaky, FIRST=r == 0,
+                                    LAST=r == iterations - 1, **constants, num_warps=cfg.num_warps)
+                               for r in range(iterations)]
+        # backward
+        self.first_term = iterations - 1 if (detach_routing or iterations == 1) else 0
+        self.prior_grad = has_prior and not detach_routing
+        self.squash_grid = (cfg.n_tiles,)
+        self.squash_kwargs = dict(J=out_caps, D=out_dim, BLOCK_B=cfg.block_b, BLOCK_J=constants["BLOCK_J"],
+                                  BLOCK_D=constants["BLOCK_D"], num_warps=cfg.num_warps)
+        # reverse passes r = R-1 .. 1, as (pass_index, r, keyword arguments)
+        self.reverse_passes = [(pass_index, r, dict(TOP=r == iterations - 1, BOTTOM=r == 1, HAS_PRIOR=has_prior,
+                                                    LEAKY=leaky, **constants, num_warps=cfg.num_warps))
+                               for pass_index, r in enumerate(range(iterations - 1, 0, -1))]
+        self.grad_grid = (cfg.grad_i_progs, cfg.grad_chunks)
+        self.grad_kwargs = dict(R=iterations, FIRST_TERM=self.first_term, HAS_PRIOR=has_prior,
+                                PRIOR_GRAD=self.prior_grad, LEAKY=leaky, **constants, num_warps=cfg.grad_num_warps)
+        # per chunk of batch tiles, dW laid out [K, I, J, D]: each k-slice a contiguous [J, D] block
+        self.grad_w_partial_shape = (cfg.grad_chunks, in_dim, in_caps, out_caps, out_dim)
+        self.grad_prior_partial_shape = (cfg.grad_chunks, in_caps, out_caps)
 
 
-def _launch_setup(u: torch.Tensor, weight: torch.Tensor, input_precision: str):
-    """What every launch of one problem shares: launch parameters, the state buffers' dtype and
-    device, the stride of one [B, J, D] row of them, the kernels' constants, and W transposed."""
-    batch, _, _ = u.shape
-    _, out_caps, out_dim, _ = weight.shape
-    cfg = _Config(u, weight)
-    state = dict(dtype=state_dtype(u.dtype), device=u.device)
-    constants = _shape_constants(u, weight, cfg.block_b, input_precision, cfg.stages)
-    return cfg, state, batch * out_caps * out_dim, constants, _transposed(weight)
+def _plan(u: torch.Tensor, weight: torch.Tensor, input_precision: str, iterations: int, leaky: bool,
+          has_bias: bool = False, has_prior: bool = False, detach_routing: bool = False) -> _Plan:
+    """The cached _Plan of this problem. Its key holds everything the plan reads: the shapes, the
+    dtype, the device, the options, the active overrides and program_target (which tests and
+    scripts replace)."""
+    key = ("fma", u.shape, weight.shape, u.dtype, u.device, input_precision, iterations, leaky, has_bias, has_prior,
+           detach_routing, tuning_key(), program_target)
+    return cached_plan(key, lambda: _Plan(u, weight, input_precision, iterations, leaky, has_bias, has_prior,
+                                          detach_routing))
 
 
 def _prior_args(prior: torch.Tensor | None, placeholder: torch.Tensor):
@@ -387,71 +421,72 @@ def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """Launch the R forward passes. Returns v [B, J, D] (input dtype), s_all [R, B, J, D] and
     v_sums [R-1, B, J, D] (V^(1) .. V^(R-1)), both in the state dtype."""
     batch, in_caps, _ = u.shape
-    _, out_caps, out_dim, _ = weight.shape
-    cfg, state, state_size, constants, (w_t, w_strides) = _launch_setup(u, weight, input_precision)
-    v = torch.empty(batch, out_caps, out_dim, dtype=u.dtype, device=u.device)
-    s_all = torch.empty(iterations, batch, out_caps, out_dim, **state)
-    v_sums = torch.empty(iterations - 1, batch, out_caps, out_dim, **state)
-    partial = torch.empty(cfg.n_splits, batch, out_caps, out_dim, **state)
-    counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=u.device)
+    plan = _plan(u, weight, input_precision, iterations, leaky, bias is not None, prior is not None)
+    cfg, device, state_dtype_ = plan.cfg, u.device, plan.state_dtype
+    w_t = _transposed(weight)
+    v = torch.empty(plan.state_shape, dtype=u.dtype, device=device)
+    s_all = torch.empty((iterations,) + plan.state_shape, dtype=state_dtype_, device=device)
+    v_sums = torch.empty((iterations - 1,) + plan.state_shape, dtype=state_dtype_, device=device)
+    partial = torch.empty((cfg.n_splits,) + plan.state_shape, dtype=state_dtype_, device=device)
+    counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=device)
     bias_arg = bias if bias is not None else s_all  # never read without HAS_BIAS
     bias_strides = bias.stride() if bias is not None else (0, 0)
     prior_arg, prior_strides = _prior_args(prior, s_all)
-    for r in range(iterations):
-        _forward_pass_kernel[(cfg.n_tiles, cfg.n_splits)](
+    strides = (*u.stride(), *plan.w_strides, *bias_strides, *prior_strides)
+    for r, kwargs in enumerate(plan.forward_kwargs):
+        _forward_pass_kernel[plan.pass_grid](
             u, w_t, bias_arg, prior_arg, v, s_all, v_sums, partial, counter,
-            batch, in_caps, state_size, r, cfg.i_per_split, cfg.n_splits,
-            *u.stride(), *w_strides, *bias_strides, *prior_strides,
-            HAS_BIAS=bias is not None, HAS_PRIOR=prior is not None, LEAKY=leaky, FIRST=r == 0, LAST=r == iterations - 1, **constants,
-            num_warps=cfg.num_warps)
+            batch, in_caps, plan.state_size, r, cfg.i_per_split, cfg.n_splits, *strides, **kwargs)
     return v, s_all, v_sums
 
 
 def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, s_all: torch.Tensor,
                      v_sums: torch.Tensor, iterations: int, leaky: bool, detach_routing: bool,
-                     input_precision: str, prior: torch.Tensor | None = None):
+                     input_precision: str, prior: torch.Tensor | None = None, bias_grad: bool = True):
     """Gradients (du, dW, dbias, dprior) of v = routing(u, W, bias, prior) for the incoming grad_v
-    (any strides). dbias is returned whether or not the forward had a bias (it is then simply
-    unused); dprior is None without a prior and zeros under detach_routing."""
+    (any strides). dbias is computed with bias_grad, whether or not the forward had a bias (it is
+    then simply unused), else None; dprior is None without a prior and zeros under detach_routing."""
     batch, in_caps, in_dim = u.shape
-    _, out_caps, out_dim, _ = weight.shape
-    cfg, state, state_size, constants, (w_t, w_strides) = _launch_setup(u, weight, input_precision)
-    first_term = iterations - 1 if (detach_routing or iterations == 1) else 0
-    ds = torch.empty(iterations - first_term, batch, out_caps, out_dim, **state)
+    plan = _plan(u, weight, input_precision, iterations, leaky, False, prior is not None, detach_routing)
+    cfg, device, state_dtype_, state_size = plan.cfg, u.device, plan.state_dtype, plan.state_size
+    w_t = _transposed(weight)
+    ds = torch.empty((iterations - plan.first_term,) + plan.state_shape, dtype=state_dtype_, device=device)
     prior_arg, prior_strides = _prior_args(prior, ds)
-    prior_grad = prior is not None and not detach_routing
 
-    if first_term == iterations - 1:
-        _squash_backward_kernel[(cfg.n_tiles,)](
-            s_all, grad_v, ds, batch, state_size, iterations - 1, *grad_v.stride(),
-            J=constants["J"], D=constants["D"], BLOCK_B=cfg.block_b, BLOCK_J=constants["BLOCK_J"],
-            BLOCK_D=constants["BLOCK_D"], num_warps=cfg.num_warps)
+    if plan.first_term == iterations - 1:
+        _squash_backward_kernel[plan.squash_grid](
+            s_all, grad_v, ds, batch, state_size, iterations - 1, *grad_v.stride(), **plan.squash_kwargs)
     else:
-        dv = torch.empty(iterations - 1, batch, out_caps, out_dim, **state)
-        partial = torch.empty(cfg.n_splits, batch, out_caps, out_dim, **state)
-        counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=u.device)
-        for pass_index, r in enumerate(range(iterations - 1, 0, -1)):
-            _reverse_pass_kernel[(cfg.n_tiles, cfg.n_splits)](
+        dv = torch.empty((iterations - 1,) + plan.state_shape, dtype=state_dtype_, device=device)
+        partial = torch.empty((cfg.n_splits,) + plan.state_shape, dtype=state_dtype_, device=device)
+        counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=device)
+        strides = (*u.stride(), *plan.w_strides, *grad_v.stride(), *prior_strides)
+        for pass_index, r, kwargs in plan.reverse_passes:
+            _reverse_pass_kernel[plan.pass_grid](
                 u, w_t, prior_arg, s_all, v_sums, grad_v, dv, ds, partial, counter,
-                batch, in_caps, state_size, r, pass_index, cfg.i_per_split, cfg.n_splits,
-                *u.stride(), *w_strides, *grad_v.stride(), *prior_strides,
-                TOP=r == iterations - 1, BOTTOM=r == 1, HAS_PRIOR=prior is not None, LEAKY=leaky, **constants, num_warps=cfg.num_warps)
+                batch, in_caps, state_size, r, pass_index, cfg.i_per_split, cfg.n_splits, *strides, **kwargs)
 
-    grad_u = torch.empty(batch, in_caps, in_dim, dtype=u.dtype, device=u.device)
-    # per chunk of batch tiles, dW laid out [K, I, J, D]: each k-slice a contiguous [J, D] block
-    grad_w_partial = torch.empty(cfg.grad_chunks, in_dim, in_caps, out_caps, out_dim, **state)
+    grad_u = torch.empty(u.shape, dtype=u.dtype, device=device)
+    grad_w_partial = torch.empty(plan.grad_w_partial_shape, dtype=state_dtype_, device=device)
     # per chunk of batch tiles too, summed over the chunks in a fixed order like dW
-    grad_prior_partial = torch.empty(cfg.grad_chunks, in_caps, out_caps, **state) if prior_grad else grad_w_partial
-    _input_grad_kernel[(cfg.grad_i_progs, cfg.grad_chunks)](
+    grad_prior_partial = (torch.empty(plan.grad_prior_partial_shape, dtype=state_dtype_, device=device)
+                          if plan.prior_grad else grad_w_partial)
+    _input_grad_kernel[plan.grad_grid](
         u, w_t, prior_arg, v_sums, ds, grad_u, grad_w_partial, grad_prior_partial,
         batch, in_caps, state_size, weight.numel(), cfg.grad_i_per_prog, cfg.grad_tiles_per_chunk,
-        *u.stride(), *w_strides, *prior_strides,
-        R=iterations, FIRST_TERM=first_term, HAS_PRIOR=prior is not None, PRIOR_GRAD=prior_grad, LEAKY=leaky, **constants, num_warps=cfg.grad_num_warps)
-    grad_w = grad_w_partial.sum(dim=0) if cfg.grad_chunks > 1 else grad_w_partial[0]
-    grad_w = grad_w.permute(1, 2, 3, 0).to(weight.dtype).contiguous()
-    grad_bias = ds.sum(dim=(0, 1)).to(u.dtype)
+        *u.stride(), *plan.w_strides, *prior_strides, **plan.grad_kwargs)
+    # dW [I, J, D, K] from the partials [chunks, K, I, J, D]: one kernel that sums (in a fixed
+    # order) and transposes at once, or copies (and casts) the only chunk
+    grad_w_partial = grad_w_partial.permute(0, 2, 3, 4, 1)
+    if cfg.grad_chunks == 1:
+        grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=device).copy_(grad_w_partial[0])
+    else:
+        grad_w = torch.sum(grad_w_partial, dim=0, out=torch.empty(weight.shape, dtype=state_dtype_, device=device))
+        if weight.dtype != state_dtype_:  # half inputs: dW summed in fp32, rounded once
+            grad_w = grad_w.to(weight.dtype)
+    grad_bias = bias_grad_of(ds, u.dtype) if bias_grad else None
     if prior is None:
         return grad_u, grad_w, grad_bias, None
-    if not prior_grad:
+    if not plan.prior_grad:
         return grad_u, grad_w, grad_bias, torch.zeros_like(prior)
     return grad_u, grad_w, grad_bias, grad_prior_partial.sum(dim=0).to(prior.dtype)

@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MAX_SPLITS, arrive, program_target, round_tf32, squash, squash_backward, state_dtype,
-                     sum_partials, tuned)
+from .common import (MAX_SPLITS, arrive, bias_grad_of, cached_plan, program_target, round_tf32, squash,
+                     squash_backward, state_dtype, sum_partials, tuned, tuning_key)
 
 __all__ = ["routing_forward", "routing_backward", "PRECISIONS"]
 
@@ -562,6 +562,50 @@ class _Config:
             KMAJOR=not half and u.dtype != torch.float64)
 
 
+class _Plan:
+    """What the launches of one problem share and derive from its shapes, dtypes, device, options
+    and overrides alone, built once (common.cached_plan): the launch parameters, the buffers'
+    shapes, and per launch its grid and keyword arguments."""
+
+    def __init__(self, u: torch.Tensor, weight: torch.Tensor, input_precision: str, iterations: int, leaky: bool,
+                 has_bias: bool, has_prior: bool, detach_routing: bool):
+        batch, in_caps, _ = u.shape
+        _, out_caps, out_dim, _ = weight.shape
+        cfg = self.cfg = _Config(u, weight, input_precision)
+        self.state_dtype = state_dtype(u.dtype)
+        self.state_size = batch * out_caps * out_dim
+        self.state_shape = (batch, out_caps, out_dim)
+        self.pass_grid = (cfg.n_tiles, cfg.n_splits)
+        self.forward_kwargs = [dict(FIRST=r == 0, LAST=r == iterations - 1, HAS_BIAS=has_bias, HAS_PRIOR=has_prior,
+                                    LEAKY=leaky, **cfg.constants, num_warps=cfg.num_warps)
+                               for r in range(iterations)]
+        self.first_term = iterations - 1 if (detach_routing or iterations == 1) else 0
+        self.prior_grad = has_prior and not detach_routing
+        self.squash_grid = (cfg.n_tiles,)
+        self.squash_kwargs = dict(J=out_caps, D=out_dim, DP=cfg.constants["DP"], BLOCK_B=cfg.block_b,
+                                  ACC=cfg.constants["ACC"], num_warps=cfg.num_warps)
+        # reverse passes r = R-1 .. 1 (none under detach_routing or for R = 1), as (pass_index, r, kwargs)
+        self.reverse_passes = ([(pass_index, r, dict(TOP=r == iterations - 1, HAS_PRIOR=has_prior, LEAKY=leaky,
+                                                     **cfg.constants, num_warps=cfg.num_warps))
+                                for pass_index, r in enumerate(range(iterations - 1, 0, -1))]
+                               if self.first_term == 0 else [])
+        self.grad_grid = (cfg.n_chunks, cfg.grad_splits)
+        self.grad_kwargs = dict(R=iterations, FIRST_TERM=self.first_term, HAS_PRIOR=has_prior,
+                                PRIOR_GRAD=self.prior_grad, LEAKY=leaky,
+                                **(cfg.constants | dict(BLOCK_B=cfg.grad_block_b)), num_warps=cfg.grad_num_warps)
+
+
+def _plan(u: torch.Tensor, weight: torch.Tensor, input_precision: str, iterations: int, leaky: bool,
+          has_bias: bool = False, has_prior: bool = False, detach_routing: bool = False) -> _Plan:
+    """The cached _Plan of this problem. Its key holds everything the plan reads: the shapes, the
+    dtype, the device, the options, the active overrides and program_target (which tests and
+    scripts replace)."""
+    key = ("tc", u.shape, weight.shape, u.dtype, u.device, input_precision, iterations, leaky, has_bias, has_prior,
+           detach_routing, tuning_key(), program_target)
+    return cached_plan(key, lambda: _Plan(u, weight, input_precision, iterations, leaky, has_bias, has_prior,
+                                          detach_routing))
+
+
 def _prior_args(prior: torch.Tensor | None, placeholder: torch.Tensor):
     """The prior pointer and strides a launch takes; a placeholder, never read, without one."""
     return (prior, prior.stride()) if prior is not None else (placeholder, (0, 0))
@@ -572,79 +616,68 @@ def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """Launch the R forward passes. Returns v [B, J, D] (input dtype), s_all [R, B, J, D] and
     v_sums [R-1, B, J, D] (V^(1) .. V^(R-1)), both in the state dtype."""
     batch, in_caps, _ = u.shape
-    _, out_caps, out_dim, _ = weight.shape
-    cfg = _Config(u, weight, input_precision)
-    state = dict(dtype=state_dtype(u.dtype), device=u.device)
-    v = torch.empty(batch, out_caps, out_dim, dtype=u.dtype, device=u.device)
-    s_all = torch.empty(iterations, batch, out_caps, out_dim, **state)
-    v_sums = torch.empty(iterations - 1, batch, out_caps, out_dim, **state)
-    partial = torch.empty(cfg.n_splits, batch, out_caps, out_dim, **state)
-    counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=u.device)
+    plan = _plan(u, weight, input_precision, iterations, leaky, bias is not None, prior is not None)
+    cfg, device, state_dtype_ = plan.cfg, u.device, plan.state_dtype
+    v = torch.empty(plan.state_shape, dtype=u.dtype, device=device)
+    s_all = torch.empty((iterations,) + plan.state_shape, dtype=state_dtype_, device=device)
+    v_sums = torch.empty((iterations - 1,) + plan.state_shape, dtype=state_dtype_, device=device)
+    partial = torch.empty((cfg.n_splits,) + plan.state_shape, dtype=state_dtype_, device=device)
+    counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=device)
     bias_arg = bias if bias is not None else s_all  # never read without HAS_BIAS
     bias_strides = bias.stride() if bias is not None else (0, 0)
     prior_arg, prior_strides = _prior_args(prior, s_all)
-    for r in range(iterations):
-        _tc_forward_kernel[(cfg.n_tiles, cfg.n_splits)](
+    strides = (*u.stride(), *weight.stride(), *bias_strides, *prior_strides)
+    for r, kwargs in enumerate(plan.forward_kwargs):
+        _tc_forward_kernel[plan.pass_grid](
             u, weight, bias_arg, prior_arg, v, s_all, v_sums, partial, counter,
-            batch, in_caps, batch * out_caps * out_dim, r, cfg.chunks_per_split, cfg.n_splits,
-            *u.stride(), *weight.stride(), *bias_strides, *prior_strides,
-            FIRST=r == 0, LAST=r == iterations - 1, HAS_BIAS=bias is not None, HAS_PRIOR=prior is not None,
-            LEAKY=leaky, **cfg.constants,
-            num_warps=cfg.num_warps)
+            batch, in_caps, plan.state_size, r, cfg.chunks_per_split, cfg.n_splits, *strides, **kwargs)
     return v, s_all, v_sums
 
 
 def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, s_all: torch.Tensor,
                      v_sums: torch.Tensor, iterations: int, leaky: bool, detach_routing: bool,
-                     input_precision: str, prior: torch.Tensor | None = None):
+                     input_precision: str, prior: torch.Tensor | None = None, bias_grad: bool = True):
     """Gradients (du, dW, dbias, dprior) of v = routing(u, W, bias, prior) for the incoming grad_v
-    (any strides); dprior is None without a prior and zeros under detach_routing."""
-    batch, in_caps, in_dim = u.shape
-    _, out_caps, out_dim, _ = weight.shape
-    cfg = _Config(u, weight, input_precision)
-    state = dict(dtype=state_dtype(u.dtype), device=u.device)
-    state_size = batch * out_caps * out_dim
-    first_term = iterations - 1 if (detach_routing or iterations == 1) else 0
-    ds = torch.empty(iterations - first_term, batch, out_caps, out_dim, **state)
+    (any strides); dbias only with bias_grad, else None; dprior is None without a prior and zeros
+    under detach_routing."""
+    batch, in_caps, _ = u.shape
+    plan = _plan(u, weight, input_precision, iterations, leaky, False, prior is not None, detach_routing)
+    cfg, device, state_dtype_, state_size = plan.cfg, u.device, plan.state_dtype, plan.state_size
+    ds = torch.empty((iterations - plan.first_term,) + plan.state_shape, dtype=state_dtype_, device=device)
     prior_arg, prior_strides = _prior_args(prior, ds)
-    prior_grad = prior is not None and not detach_routing
 
     # ds^(R-1) from the incoming gradient; each reverse pass r then leaves ds^(r-1) behind
-    _tc_squash_backward_kernel[(cfg.n_tiles,)](
-        s_all, grad_v, ds, batch, state_size, iterations - 1, iterations - 1 - first_term, *grad_v.stride(),
-        J=out_caps, D=out_dim, DP=cfg.constants["DP"], BLOCK_B=cfg.block_b, ACC=cfg.constants["ACC"],
-        num_warps=cfg.num_warps)
-    if first_term == 0 and iterations > 1:
-        dv = torch.empty(iterations - 1, batch, out_caps, out_dim, **state)
-        partial = torch.empty(cfg.n_splits, batch, out_caps, out_dim, **state)
-        counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=u.device)
-        for pass_index, r in enumerate(range(iterations - 1, 0, -1)):
-            _tc_reverse_kernel[(cfg.n_tiles, cfg.n_splits)](
+    _tc_squash_backward_kernel[plan.squash_grid](
+        s_all, grad_v, ds, batch, state_size, iterations - 1, iterations - 1 - plan.first_term, *grad_v.stride(),
+        **plan.squash_kwargs)
+    if plan.reverse_passes:
+        dv = torch.empty((iterations - 1,) + plan.state_shape, dtype=state_dtype_, device=device)
+        partial = torch.empty((cfg.n_splits,) + plan.state_shape, dtype=state_dtype_, device=device)
+        counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=device)
+        strides = (*u.stride(), *weight.stride(), *prior_strides)
+        for pass_index, r, kwargs in plan.reverse_passes:
+            _tc_reverse_kernel[plan.pass_grid](
                 u, weight, prior_arg, s_all, v_sums, dv, ds, partial, counter,
-                batch, in_caps, state_size, r, pass_index, cfg.chunks_per_split, cfg.n_splits,
-                *u.stride(), *weight.stride(), *prior_strides,
-                TOP=r == iterations - 1, HAS_PRIOR=prior is not None, LEAKY=leaky, **cfg.constants, num_warps=cfg.num_warps)
+                batch, in_caps, state_size, r, pass_index, cfg.chunks_per_split, cfg.n_splits, *strides, **kwargs)
 
-    grad_u = torch.empty(batch, in_caps, in_dim, dtype=u.dtype, device=u.device)
+    grad_u = torch.empty(u.shape, dtype=u.dtype, device=device)
     if cfg.grad_splits == 1:  # written once, in the weight's dtype: no partials to sum
-        grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=device)
     else:
-        grad_w = torch.empty((cfg.grad_splits,) + tuple(weight.shape), **state)
+        grad_w = torch.empty((cfg.grad_splits,) + tuple(weight.shape), dtype=state_dtype_, device=device)
     grad_prior = grad_w  # a placeholder, never written without prior_grad
-    if prior_grad:  # as dW: written once in the prior's dtype, or partials summed in a fixed order
-        grad_prior = (torch.empty(in_caps, out_caps, dtype=prior.dtype, device=u.device) if cfg.grad_splits == 1
-                      else torch.empty(cfg.grad_splits, in_caps, out_caps, **state))
-    _tc_input_grad_kernel[(cfg.n_chunks, cfg.grad_splits)](
+    if plan.prior_grad:  # as dW: written once in the prior's dtype, or partials summed in a fixed order
+        grad_prior = (torch.empty(prior.shape, dtype=prior.dtype, device=device) if cfg.grad_splits == 1
+                      else torch.empty((cfg.grad_splits,) + tuple(prior.shape), dtype=state_dtype_, device=device))
+    _tc_input_grad_kernel[plan.grad_grid](
         u, weight, prior_arg, v_sums, ds, grad_u, grad_w, grad_prior,
         batch, in_caps, state_size, weight.numel(), cfg.grad_tiles_per_prog,
-        *u.stride(), *weight.stride(), *prior_strides,
-        R=iterations, FIRST_TERM=first_term, HAS_PRIOR=prior is not None, PRIOR_GRAD=prior_grad, LEAKY=leaky, **(cfg.constants | dict(BLOCK_B=cfg.grad_block_b)),
-        num_warps=cfg.grad_num_warps)
+        *u.stride(), *weight.stride(), *prior_strides, **plan.grad_kwargs)
     if cfg.grad_splits > 1:
         grad_w = grad_w.sum(dim=0).to(weight.dtype)  # a fixed order: deterministic
-        if prior_grad:
+        if plan.prior_grad:
             grad_prior = grad_prior.sum(dim=0).to(prior.dtype)
-    grad_bias = ds.sum(dim=(0, 1)).to(u.dtype)
+    grad_bias = bias_grad_of(ds, u.dtype) if bias_grad else None
     if prior is None:
         return grad_u, grad_w, grad_bias, None
-    return grad_u, grad_w, grad_bias, (grad_prior if prior_grad else torch.zeros_like(prior))
+    return grad_u, grad_w, grad_bias, (grad_prior if plan.prior_grad else torch.zeros_like(prior))

@@ -217,9 +217,10 @@ def recorded_kernels(monkeypatch):
         return v, state, state[1:].clone()
 
     def backward(grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing, input_precision, family,
-                 prior=None):
+                 prior=None, bias_grad=True):
         calls.append(("backward", tuple(u.shape), tuple(weight.shape)))
-        return (torch.zeros_like(u), torch.zeros_like(weight), weight.new_zeros(weight.shape[1:3]),
+        return (torch.zeros_like(u), torch.zeros_like(weight),
+                weight.new_zeros(weight.shape[1:3]) if bias_grad else None,
                 None if prior is None else torch.zeros_like(prior))
 
     monkeypatch.setattr(kernels, "routing_forward", forward)

@@ -10,6 +10,7 @@ tensors of the per-sample routing state, s^(r) ([R, B, J, D]) and V^(r) = v^(0)+
 ([R-1, B, J, D]), i.e. O(B R J D) numbers. u_hat, the logits b and the couplings c are never
 written to memory; the backward recomputes them (see kernels/routing.py for the math).
 """
+import inspect
 import os
 import warnings
 from typing import Optional
@@ -71,18 +72,24 @@ def _(u, weight, bias, prior, iterations, leaky, input_precision, kernels):
 @torch.library.custom_op("fastcaps::routing_backward", mutates_args=())
 def _routing_backward_op(grad_v: Tensor, u: Tensor, weight: Tensor, prior: Optional[Tensor], s_all: Tensor,
                          v_sums: Tensor, iterations: int, leaky: bool, detach_routing: bool,
-                         input_precision: str, kernels: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(du, dW, dbias, dprior); dprior is [I, J] with a prior (zeros under detach_routing, which
+                         input_precision: str, kernels: str,
+                         bias_grad: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(du, dW, dbias, dprior); dbias is [J, D] with bias_grad (the forward had a bias), else an
+    empty [0], not computed; dprior is [I, J] with a prior (zeros under detach_routing, which
     detaches it), else an empty [0] (a custom op returns tensors, never None)."""
     grad_u, grad_weight, grad_bias, grad_prior = _load_kernels().routing_backward(
-        grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing, input_precision, kernels, prior=prior)
-    return grad_u, grad_weight, grad_bias, (grad_prior if prior is not None else u.new_empty(0))
+        grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing, input_precision, kernels, prior=prior,
+        **({} if bias_grad else {"bias_grad": False}))
+    return (grad_u, grad_weight, (grad_bias if bias_grad else u.new_empty(0)),
+            (grad_prior if prior is not None else u.new_empty(0)))
 
 
 @_routing_backward_op.register_fake
-def _(grad_v, u, weight, prior, s_all, v_sums, iterations, leaky, detach_routing, input_precision, kernels):
+def _(grad_v, u, weight, prior, s_all, v_sums, iterations, leaky, detach_routing, input_precision, kernels,
+      bias_grad=True):
     _, out_caps, out_dim, _ = weight.shape
-    return (u.new_empty(u.shape), weight.new_empty(weight.shape), u.new_empty(out_caps, out_dim),  # contiguous
+    return (u.new_empty(u.shape), weight.new_empty(weight.shape),  # contiguous
+            u.new_empty((out_caps, out_dim) if bias_grad else (0,)),
             u.new_empty(prior.shape if prior is not None else (0,)))
 
 
@@ -105,6 +112,9 @@ class FusedRoutingFunction(torch.autograd.Function):
         _, s_all, v_sums = output
         ctx.save_for_backward(u, weight, prior, s_all, v_sums)
         ctx.mark_non_differentiable(s_all, v_sums)
+        # no zero-filled [R, B, J, D] gradients for s_all and v_sums (never used): None instead
+        # (the attribute, not set_materialize_grads(), which torch.compile cannot trace)
+        ctx.materialize_grads = False
         ctx.has_bias = bias is not None
         # detach_routing detaches the prior with the logits (as the reference does): no gradient
         ctx.prior_grad = prior is not None and not detach_routing
@@ -112,11 +122,18 @@ class FusedRoutingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_v, _grad_s, _grad_v_sums):
+        if grad_v is None:  # only s_all or v_sums were used: nothing flows back (they are constants)
+            return (None,) * 9
         u, weight, prior, s_all, v_sums = ctx.saved_tensors
         grad_u, grad_weight, grad_bias, grad_prior = torch.ops.fastcaps.routing_backward(
-            grad_v, u, weight, prior, s_all, v_sums, *ctx.options)
+            grad_v, u, weight, prior, s_all, v_sums, *ctx.options, ctx.has_bias)
         return (grad_u, grad_weight, (grad_bias if ctx.has_bias else None), (grad_prior if ctx.prior_grad else None),
                 None, None, None, None, None)
+
+
+# Function.apply binds its arguments to forward's signature at every call; inspect.signature
+# then reads this attribute instead of rebuilding the signature from the function each time
+FusedRoutingFunction.forward.__signature__ = inspect.signature(FusedRoutingFunction.forward)
 
 
 # ---------------------------------------------------------------- functional API
