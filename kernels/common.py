@@ -94,6 +94,14 @@ def cached_plan(key, build):
     return plan
 
 
+def problem_plan(plan_cls, target, u: torch.Tensor, weight: torch.Tensor, *options):
+    """plan_cls(u, weight, *options), cached under everything a plan reads: its class (one per
+    family), the shapes, the dtype and the device, the options, the active tuning overrides and
+    the family's program_target function `target` (which tests and scripts replace)."""
+    key = (plan_cls, u.shape, weight.shape, u.dtype, u.device, options, tuning_key(), target)
+    return cached_plan(key, lambda: plan_cls(u, weight, *options))
+
+
 def bias_grad_of(ds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """dbias = ds summed over its rows r and the batch (ds [rows, B, J, D]), in `dtype`."""
     grad_bias = ds.sum(dim=(0, 1))

@@ -77,7 +77,7 @@ def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     leaky: bool, input_precision: str, kernels: str, prior: torch.Tensor | None = None):
     """v [B, J, D] (input dtype), s_all [R, B, J, D] and v_sums [R-1, B, J, D] (state dtype)."""
     if u.shape[0] == 0:  # nothing to launch; the shapes a drop-in for the reference returns
-        batch, (_, out_caps, out_dim, _) = 0, weight.shape
+        _, out_caps, out_dim, _ = weight.shape
         state = dict(dtype=state_dtype(u.dtype), device=u.device)
         return (u.new_empty(0, out_caps, out_dim), torch.empty(iterations, 0, out_caps, out_dim, **state),
                 torch.empty(iterations - 1, 0, out_caps, out_dim, **state))

@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MAX_SPLITS, arrive, bias_grad_of, cached_plan, program_target, round_tf32, squash,
-                     squash_backward, state_dtype, sum_partials, tuned, tuning_key)
+from .common import (MAX_SPLITS, arrive, bias_grad_of, problem_plan, program_target, round_tf32, squash,
+                     squash_backward, state_dtype, sum_partials, tuned)
 
 __all__ = ["routing_forward", "routing_backward", "PRECISIONS"]
 
@@ -597,13 +597,9 @@ class _Plan:
 
 def _plan(u: torch.Tensor, weight: torch.Tensor, input_precision: str, iterations: int, leaky: bool,
           has_bias: bool = False, has_prior: bool = False, detach_routing: bool = False) -> _Plan:
-    """The cached _Plan of this problem. Its key holds everything the plan reads: the shapes, the
-    dtype, the device, the options, the active overrides and program_target (which tests and
-    scripts replace)."""
-    key = ("tc", u.shape, weight.shape, u.dtype, u.device, input_precision, iterations, leaky, has_bias, has_prior,
-           detach_routing, tuning_key(), program_target)
-    return cached_plan(key, lambda: _Plan(u, weight, input_precision, iterations, leaky, has_bias, has_prior,
-                                          detach_routing))
+    """The cached _Plan of this problem (common.problem_plan)."""
+    return problem_plan(_Plan, program_target, u, weight, input_precision, iterations, leaky, has_bias, has_prior,
+                        detach_routing)
 
 
 def _prior_args(prior: torch.Tensor | None, placeholder: torch.Tensor):
