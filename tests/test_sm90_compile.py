@@ -6,8 +6,9 @@ the Triton wheel's own ptxas (scripts/kernel_cost.py, which captures the launche
 launchers make and counts each kernel's SASS) and fails on a compile error, on shared memory
 beyond an H100's 227 KB per block, and on any kernel above its budget in tests/kernel_budget.json:
 the spilled bytes and the main loop's warp instructions per (sample, input capsule) measured
-under the Triton that runs the test (3.9 or 3.6; instructions + 2%, at least + 0.5; another
-version is held to the most of the two). The budget is a regression
+under the Triton that runs the test (3.9 or 3.6; instructions + 2%, at least + 0.5; under a
+version the budget was not measured with, only the compile and shared-memory checks apply, and
+the test says so). The budget is a regression
 guard: the goal is no spill anywhere (the budget's spill_target), and a kernel that gets leaner
 lowers its budget by `python scripts/kernel_cost.py --write-budget --python <Triton 3.6 python>`.
 
@@ -49,10 +50,11 @@ def _prefix(config):
 
 def _budget_for(budget, version):
     """(spilled bytes, instructions per (b, i)) allowed under this Triton: its own measurement (the
-    instructions + BUDGET_MARGIN, at least + 0.5) where the budget has one, else the most of all."""
+    instructions + BUDGET_MARGIN, at least + 0.5). A Triton the budget was not measured under
+    generates other code, so there only the compile and shared-memory checks hold (no limits)."""
     measured = budget["measured"].get(version)
     if measured is None:
-        return budget["stack"], budget.get("per_bi", float("inf"))
+        return float("inf"), float("inf")
     per_bi = measured["per_bi"]
     if per_bi is None:
         return measured["stack"], float("inf")
@@ -81,6 +83,8 @@ def test_kernels_compile_for_sm90_within_budget(config):
         pytest.skip("this Triton wheel has no NVIDIA backend (ptxas)")
     rows = _measure(config)
     assert rows, "the launchers made no launch"
+    if any(rows[0]["triton"] not in entry["measured"] for entry in BUDGET["kernels"].values()):
+        print(f"Triton {rows[0]['triton']}: no budget measured with it; compile and shared memory checked only")
     problems = []
     for row in rows:
         per_bi = row["cost"]["per_bi"]["total"] if row["cost"] else None
