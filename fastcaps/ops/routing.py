@@ -79,7 +79,7 @@ def _routing_backward_op(grad_v: Tensor, u: Tensor, weight: Tensor, prior: Optio
     detaches it), else an empty [0] (a custom op returns tensors, never None)."""
     grad_u, grad_weight, grad_bias, grad_prior = _load_kernels().routing_backward(
         grad_v, u, weight, s_all, v_sums, iterations, leaky, detach_routing, input_precision, kernels, prior=prior,
-        **({} if bias_grad else {"bias_grad": False}))
+        bias_grad=bias_grad)
     return (grad_u, grad_weight, (grad_bias if bias_grad else u.new_empty(0)),
             (grad_prior if prior is not None else u.new_empty(0)))
 
