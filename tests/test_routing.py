@@ -206,7 +206,9 @@ def test_every_output_is_written_and_the_backward_is_deterministic(kernel_device
     u, weight, bias = (t.requires_grad_() for t in (u, weight, bias))
     monkeypatch.setattr(torch, "empty", poisoned_empty)
     first = None
-    for options in (dict(), dict(detach_routing=True), dict(leaky=True), dict()):
+    # leaky and detach_routing together: both flags' code paths (the leak logit; the squash
+    # backward kernel and the one-term final sweep) in one call
+    for options in (dict(), dict(leaky=True, detach_routing=True), dict()):
         with kernels.tuning(**LAUNCH_CONFIGS[family][0]):
             v = fastcaps.dynamic_routing(u, weight, 3, bias=bias, **options)
             grads = torch.autograd.grad(v, (u, weight, bias), grad)
