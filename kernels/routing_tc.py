@@ -414,8 +414,10 @@ def _tc_input_grad_kernel(
     # dW_j as [DP, columns] = ds_j^T @ (c u): M = DP keeps the accumulators unreplicated across warps
     # (as [columns, DP] with M = 32 the warps along M would hold copies: twice the registers)
     dw = _zeros(J, DP, KA * CHUNK * KB, ACC)
-    if PRIOR_GRAD:  # sum_r da^(r) per (sample row, capsule), reduced over the rows once, at the end
-        dprior = _zeros(J, BLOCK_B, CHUNK, ACC)
+    if PRIOR_GRAD:  # sum_b sum_r da^(r) per capsule: each da^(r) tile is summed over its rows at once
+        dprior = ()
+        for j in tl.static_range(J):
+            dprior = dprior + (tl.zeros((CHUNK,), dtype=ACC),)
 
     first_tile = pid_g * tiles_per_prog
     last_tile = tl.minimum(first_tile + tiles_per_prog, tl.cdiv(B, BLOCK_B))
@@ -447,7 +449,7 @@ def _tc_input_grad_kernel(
             if PRIOR_GRAD:
                 da0 = _softmax_backward(c0, dc0, J)
                 for j in tl.static_range(J):
-                    dprior = _set(dprior, j, dprior[j] + da0[j])
+                    dprior = _set(dprior, j, dprior[j] + tl.sum(da0[j], axis=0))
         elif FIRST_TERM == 0:  # r = 0: uniform couplings 1 / (J + leaky), nothing through the softmax
             u0 = u / (J + LEAKY)  # a division: exact in fp64 too, where a Python-float 1/J would not be
             q_sum = zero
@@ -477,7 +479,7 @@ def _tc_input_grad_kernel(
                 da = _softmax_backward(c, dc, J)
                 if PRIOR_GRAD:
                     for j in tl.static_range(J):
-                        dprior = _set(dprior, j, dprior[j] + da[j])
+                        dprior = _set(dprior, j, dprior[j] + tl.sum(da[j], axis=0))
             for j in tl.static_range(J):
                 w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
                 ds = tl.load(ds_r_ptr + j * D + offs, mask=mask, other=0.0)
@@ -503,7 +505,7 @@ def _tc_input_grad_kernel(
         cap = tl.arange(0, CHUNK)
         dprior_base = dprior_ptr + (tl.cast(pid_g, tl.int64) * I + tl.cast(chunk, tl.int64) * CHUNK) * J
         for j in tl.static_range(J):
-            tl.store(dprior_base + cap * J + j, tl.sum(dprior[j], axis=0).to(dprior_ptr.dtype.element_ty),
+            tl.store(dprior_base + cap * J + j, dprior[j].to(dprior_ptr.dtype.element_ty),
                      mask=cap < I - chunk * CHUNK)
 
 
