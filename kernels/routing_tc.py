@@ -14,9 +14,9 @@ element-wise across the J logit tiles, which live in a tuple (J is not padded to
 
 Backward (exact; the derivation is in kernels/routing.py). A reverse pass r adds Q_j = ds_j @ W_j:
 dc = u . Q summed over k, da = c (dc - sum_j c dc), dV_j += (da_j u) @ W_j^T. The final pass owns a
-chunk of capsules and walks every batch tile, so dW is a dot that contracts over the batch,
-accumulated in registers and written once (no atomics, no partial copies unless
-grad_batch_splits asks for them):
+chunk of capsules and walks a run of batch tiles, so dW is a dot that contracts over the batch,
+accumulated in registers and written once per batch split (no atomics; the batch is split only
+where the chunks alone would not fill the GPU, and the splits' partial dW are summed in order):
 
     du     = sum_r sum_j c^(r)_j Q^(r)_j + da^(r)_j P^(r)_j       (element-wise on the dot products)
     dW_j^T = sum_r (c^(r)_j u)^T @ ds^(r)_j + (da^(r)_j u)^T @ V^(r)_j
@@ -511,6 +511,12 @@ def _tc_input_grad_kernel(
 
 # ----------------------------------------------------------------------------- host side
 
+# The final pass's batch splits (see _Config): programs = GRAD_WAVES x program_target at most,
+# each over at least GRAD_MIN_TILES batch tiles
+GRAD_WAVES = 2
+GRAD_MIN_TILES = 8
+
+
 class _Config:
     """Launch parameters and compile-time constants of one problem; tuning() overrides."""
 
@@ -548,10 +554,16 @@ class _Config:
         self.chunks_per_split = triton.cdiv(n_chunks, max(1, min(splits, n_chunks)))
         self.n_splits = triton.cdiv(n_chunks, self.chunks_per_split)
         self.n_chunks = n_chunks
-        # final pass: one program per chunk of capsules, walking every batch tile, unless the
-        # chunks alone cannot fill the GPU; each extra batch split costs a partial copy of dW
-        grad_splits = tuned("grad_batch_splits", 1)
+        # final pass: one program per chunk of capsules and run of batch tiles. The chunks alone
+        # (288 at the MNIST shape) are about one wave of an H100 (2 programs per SM at 255
+        # registers), each walking the whole batch in series: split the batch until there are
+        # GRAD_WAVES x program_target programs, keeping at least GRAD_MIN_TILES tiles per program
+        # to amortise its dW write. Each split beyond one writes a partial dW, summed in split
+        # order (deterministic).
         grad_tiles = triton.cdiv(batch, self.grad_block_b)
+        grad_splits = tuned("grad_batch_splits", min(
+            triton.cdiv(GRAD_WAVES * program_target(u.device, self.grad_num_warps), n_chunks),
+            max(1, grad_tiles // GRAD_MIN_TILES)))
         self.grad_tiles_per_prog = triton.cdiv(grad_tiles, max(1, min(grad_splits, grad_tiles)))
         self.grad_splits = triton.cdiv(grad_tiles, self.grad_tiles_per_prog)
         half = u.dtype in (torch.float16, torch.bfloat16)

@@ -689,3 +689,20 @@ def test_small_batches_bound_the_partials(batch, monkeypatch):
     weight = torch.empty(1152, 10, 16, 8)
     for config in (routing_fma._Config(u, weight), routing_tc._Config(u, weight, "tf32x3")):
         assert 1 < config.n_splits <= common.MAX_SPLITS
+
+
+@pytest.mark.parametrize("batch, splits", [(128, 1), (256, 2), (8192, 4), (3, 1)])
+def test_tc_final_pass_fills_the_gpu(batch, splits, monkeypatch):
+    """On a GPU of 132 multiprocessors the tc final pass splits the batch until its programs make
+    several waves (the 288 chunks of the MNIST shape alone are about one), never below 8 batch
+    tiles per program; every tile is in exactly one split."""
+    from fastcaps.kernels import routing_tc
+    monkeypatch.setattr(routing_tc, "program_target", lambda device, num_warps: 16 * 132 // num_warps)
+    config = routing_tc._Config(torch.empty(batch, 1152, 8), torch.empty(1152, 10, 16, 8), "tf32x3")
+    tiles = -(-batch // config.grad_block_b)
+    assert config.grad_splits == splits
+    assert (config.grad_splits - 1) * config.grad_tiles_per_prog < tiles <= config.grad_splits * config.grad_tiles_per_prog
+    if splits > 1:
+        assert config.grad_tiles_per_prog >= routing_tc.GRAD_MIN_TILES
+    if batch >= 8192:  # enough tiles: the programs reach the target, 4.4 waves at 2 per SM
+        assert config.n_chunks * config.grad_splits >= routing_tc.GRAD_WAVES * 16 * 132 // config.grad_num_warps
