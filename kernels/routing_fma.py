@@ -328,7 +328,8 @@ def _input_grad_kernel(
         u_row = u_ptr + offs_b * stride_ub + i * stride_ui
         for k in tl.static_range(K):
             w_k = tl.load(w_row + k * (J * D), mask=jd_mask, other=0.0).to(ACC)
-            du_k = tl.sum(tl.sum(du_hat * w_k[None, :, :], axis=2), axis=1)
+            # one reduction over (j, d) flattened: one butterfly over the warp, not one per axis
+            du_k = tl.sum(tl.reshape(du_hat * w_k[None, :, :], (BLOCK_B, BLOCK_J * BLOCK_D)), axis=1)
             tl.store(du_ptr + offs_b * (I * K) + i * K + k, du_k.to(du_ptr.dtype.element_ty), mask=b_mask)
             u_k = tl.load(u_row + k * stride_uk, mask=b_mask, other=0.0).to(ACC)
             dw_k = tl.sum(du_hat * u_k[:, None, None], axis=0)
