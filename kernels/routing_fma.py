@@ -14,6 +14,8 @@ each [4, J, D] tile costs 32 registers per thread, and u_hat is built by K outer
 straight into the tile's layout (exact fp32 for every input dtype). The loop over i is
 software-pipelined (tl.range num_stages): the next capsule's W and u are copied
 asynchronously while this one is computed, which hides the L2 latency the loop is bound by.
+The final sweep runs one such loop over (batch tile, capsule) pairs. W's layout (see
+_transposed) is fixed, so its strides are compile-time constants.
 """
 import torch
 import triton
@@ -265,7 +267,9 @@ def _input_grad_kernel(
     once) and this chunk's dW, accumulated over its batch tiles in a fixed order into its row of
     dw_ptr, laid out [n_chunks, K, I, J, D] so that each k-slice is a contiguous [J, D] block.
     With PRIOR_GRAD also this chunk's dprior = sum_b sum_r da^(r), the same way, into its row of
-    dprior_ptr ([n_chunks, I, J]). ds row t holds ds^(FIRST_TERM + t)."""
+    dprior_ptr ([n_chunks, I, J]). ds row t holds ds^(FIRST_TERM + t). One pipelined loop over
+    the (batch tile, capsule) pairs, tile by tile in order: dW's and dprior's sums over the tiles
+    keep their fixed order."""
     pid_i = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
