@@ -14,6 +14,8 @@ each [4, J, D] tile costs 32 registers per thread, and u_hat is built by K outer
 straight into the tile's layout (exact fp32 for every input dtype). The loop over i is
 software-pipelined (tl.range num_stages): the next capsule's W and u are copied
 asynchronously while this one is computed, which hides the L2 latency the loop is bound by.
+The final sweep runs one such loop over (batch tile, capsule) pairs. W's layout (see
+_transposed) is fixed, so its strides are compile-time constants.
 """
 import torch
 import triton
@@ -33,22 +35,31 @@ __all__ = ["routing_forward", "routing_backward"]
 # conversions it needs, and it is exact fp32 arithmetic for every input dtype.
 
 @triton.jit
-def _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk,
+def _w_slices(w_ptr, i, J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, BLOCK_J: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """Pointers to the [BLOCK_J, BLOCK_D] slice W_i[:, :, 0] of W transposed (contiguous [I, K, J, D],
+    see _transposed; slice k lies k * J * D further) and its mask. Its strides are compile-time
+    constants: every slice then shares one base address, with constant offsets."""
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_d = tl.arange(0, BLOCK_D)
+    w_row = w_ptr + i * (K * J * D) + offs_j[:, None] * D + offs_d[None, :]
+    return w_row, (offs_j[:, None] < J) & (offs_d[None, :] < D)
+
+
+@triton.jit
+def _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk,
              J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
              BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
              TF32: tl.constexpr):
     """u_hat[b, j, d] = sum_k W[i, j, d, k] u[b, i, k] for the batch tile, zero outside. With TF32
     the fp32 operands are first rounded to tf32, as a tf32 tensor-core product would."""
-    offs_j = tl.arange(0, BLOCK_J)
-    offs_d = tl.arange(0, BLOCK_D)
-    w_row = w_ptr + i * stride_wi + offs_j[:, None] * stride_wj + offs_d[None, :] * stride_wd
-    w_mask = (offs_j[:, None] < J) & (offs_d[None, :] < D)
+    w_row, w_mask = _w_slices(w_ptr, i, J, D, K, BLOCK_J, BLOCK_D)
     u_row = u_ptr + offs_b * stride_ub + i * stride_ui
     b_mask = offs_b < B
     u_hat = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
     for k in tl.static_range(K):
         u_k = tl.load(u_row + k * stride_uk, mask=b_mask, other=0.0).to(ACC)
-        w_k = tl.load(w_row + k * stride_wk, mask=w_mask, other=0.0).to(ACC)
+        w_k = tl.load(w_row + k * (J * D), mask=w_mask, other=0.0).to(ACC)
         if TF32:
             u_k = round_tf32(u_k)
             w_k = round_tf32(w_k)
@@ -120,7 +131,7 @@ def _load_strided(ptr, offs_b, mask, stride_b, stride_j, stride_d, BLOCK_J: tl.c
 def _forward_pass_kernel(
     u_ptr, w_ptr, bias_ptr, prior_ptr, v_ptr, s_all_ptr, v_sums_ptr, partial_ptr, counter_ptr,
     B, I, state_size, r, i_per_split, n_splits,
-    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk, stride_bj, stride_bd,
+    stride_ub, stride_ui, stride_uk, stride_bj, stride_bd,
     stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_PRIOR: tl.constexpr, LEAKY: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
@@ -139,8 +150,8 @@ def _forward_pass_kernel(
     i_start = pid_s * i_per_split
     i_end = tl.minimum(i_start + i_per_split, I)
     for i in tl.range(i_start, i_end, num_stages=STAGES):
-        u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, stride_wi, stride_wj,
-                         stride_wd, stride_wk, J, D, K, BLOCK_B, BLOCK_J, BLOCK_D, ACC, TF32)
+        u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, J, D, K, BLOCK_B, BLOCK_J,
+                         BLOCK_D, ACC, TF32)
         if FIRST and not HAS_PRIOR:
             acc += u_hat
         else:
@@ -194,7 +205,7 @@ def _squash_backward_kernel(s_all_ptr, grad_v_ptr, ds_ptr, B, state_size, r, str
 def _reverse_pass_kernel(
     u_ptr, w_ptr, prior_ptr, s_all_ptr, v_sums_ptr, grad_v_ptr, dv_ptr, ds_ptr, partial_ptr, counter_ptr,
     B, I, state_size, r, pass_index, i_per_split, n_splits,
-    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk, stride_gb, stride_gj, stride_gd,
+    stride_ub, stride_ui, stride_uk, stride_gb, stride_gj, stride_gd,
     stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
     TOP: tl.constexpr, BOTTOM: tl.constexpr, HAS_PRIOR: tl.constexpr, LEAKY: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr,
@@ -215,14 +226,14 @@ def _reverse_pass_kernel(
         dv = _load_strided(grad_v_ptr, offs_b, mask, stride_gb, stride_gj, stride_gd, BLOCK_J, BLOCK_D).to(ACC)
     else:
         dv = tl.load(dv_ptr + r * state_size + offs, mask=mask, other=0.0)
-    ds = squash_backward(s, dv, 2)
+    ds = squash_backward(s, dv, 2)  # dv is loaded again after the loop: not live across it
 
     acc = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
     i_start = pid_s * i_per_split
     i_end = tl.minimum(i_start + i_per_split, I)
     for i in tl.range(i_start, i_end, num_stages=STAGES):
-        u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, stride_wi, stride_wj,
-                         stride_wd, stride_wk, J, D, K, BLOCK_B, BLOCK_J, BLOCK_D, ACC, TF32)
+        u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, J, D, K, BLOCK_B, BLOCK_J,
+                         BLOCK_D, ACC, TF32)
         logits = tl.sum(u_hat * v_sum, axis=2)
         if HAS_PRIOR:
             logits += _load_prior(prior_ptr, i, stride_pi, stride_pj, J, BLOCK_J, ACC)
@@ -234,7 +245,7 @@ def _reverse_pass_kernel(
     if arrive(counter_ptr, pid_b, (pass_index + 1) * n_splits - 1):
         dv_prev = sum_partials(partial_ptr, n_splits, state_size, offs, mask)
         if not TOP:
-            dv_prev += dv
+            dv_prev += tl.load(dv_ptr + r * state_size + offs, mask=mask, other=0.0)
         tl.store(dv_ptr + (r - 1) * state_size + offs, dv_prev, mask=mask)
         tl.store(ds_ptr + r * state_size + offs, ds, mask=mask)
         if BOTTOM:
@@ -246,7 +257,7 @@ def _reverse_pass_kernel(
 def _input_grad_kernel(
     u_ptr, w_ptr, prior_ptr, v_sums_ptr, ds_ptr, du_ptr, dw_ptr, dprior_ptr,
     B, I, state_size, w_numel, i_per_prog, tiles_per_chunk,
-    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk, stride_pi, stride_pj,
+    stride_ub, stride_ui, stride_uk, stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
     R: tl.constexpr, FIRST_TERM: tl.constexpr, HAS_PRIOR: tl.constexpr, PRIOR_GRAD: tl.constexpr, LEAKY: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
@@ -256,7 +267,9 @@ def _input_grad_kernel(
     once) and this chunk's dW, accumulated over its batch tiles in a fixed order into its row of
     dw_ptr, laid out [n_chunks, K, I, J, D] so that each k-slice is a contiguous [J, D] block.
     With PRIOR_GRAD also this chunk's dprior = sum_b sum_r da^(r), the same way, into its row of
-    dprior_ptr ([n_chunks, I, J]). ds row t holds ds^(FIRST_TERM + t)."""
+    dprior_ptr ([n_chunks, I, J]). ds row t holds ds^(FIRST_TERM + t). One pipelined loop over
+    the (batch tile, capsule) pairs, tile by tile in order: dW's and dprior's sums over the tiles
+    keep their fixed order."""
     pid_i = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
@@ -270,57 +283,64 @@ def _input_grad_kernel(
     i_end = tl.minimum(i_start + i_per_prog, I)
     first_tile = pid_c * tiles_per_chunk
     last_tile = tl.minimum(first_tile + tiles_per_chunk, tl.cdiv(B, BLOCK_B))
-    for tile in range(first_tile, last_tile):
+    # one flat loop over (batch tile, capsule) pairs, capsules innermost: the pipeline then runs
+    # across batch tiles (no prologue per tile), and nothing is held across a loop nest. int32
+    # counters (at most tiles_per_chunk x i_per_prog steps): a 32-bit division per step
+    n_i = (i_end - i_start).to(tl.int32)
+    n_steps = (last_tile - first_tile).to(tl.int32) * n_i
+    for step in tl.range(0, n_steps, num_stages=STAGES):
+        tile = first_tile + step // n_i
+        i = i_start + step % n_i
         offs_b, offs, mask = _state_offsets(tile, B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
         b_mask = offs_b < B
-        for i in tl.range(i_start, i_end, num_stages=STAGES):
-            u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, stride_wi, stride_wj,
-                             stride_wd, stride_wk, J, D, K, BLOCK_B, BLOCK_J, BLOCK_D, ACC, TF32)
-            du_hat = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
-            if PRIOR_GRAD:
-                da_sum = tl.zeros((BLOCK_B, BLOCK_J), dtype=ACC)  # sum_r da^(r): the prior is in every b^(r)
-            if HAS_PRIOR:
-                prior = _load_prior(prior_ptr, i, stride_pi, stride_pj, J, BLOCK_J, ACC)
-            for r in tl.static_range(FIRST_TERM, R):
-                ds = tl.load(ds_ptr + (r - FIRST_TERM) * state_size + offs, mask=mask, other=0.0)
-                if r == 0 and not HAS_PRIOR:
-                    du_hat += _uniform_coupling(J, BLOCK_J, LEAKY, ACC) * ds
-                elif r == 0:  # b^(0) = prior: no term through V^(0) = 0
-                    c = _coupling(prior, J, BLOCK_J, LEAKY)
-                    du_hat += c[:, :, None] * ds
+        u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, J, D, K, BLOCK_B, BLOCK_J,
+                         BLOCK_D, ACC, TF32)
+        du_hat = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
+        if PRIOR_GRAD:
+            da_sum = tl.zeros((BLOCK_B, BLOCK_J), dtype=ACC)  # sum_r da^(r): the prior is in every b^(r)
+        if HAS_PRIOR:
+            prior = _load_prior(prior_ptr, i, stride_pi, stride_pj, J, BLOCK_J, ACC)
+        for r in tl.static_range(FIRST_TERM, R):
+            ds = tl.load(ds_ptr + (r - FIRST_TERM) * state_size + offs, mask=mask, other=0.0)
+            if r == 0 and not HAS_PRIOR:
+                du_hat += _uniform_coupling(J, BLOCK_J, LEAKY, ACC) * ds
+            elif r == 0:  # b^(0) = prior: no term through V^(0) = 0
+                c = _coupling(prior, J, BLOCK_J, LEAKY)
+                du_hat += c[:, :, None] * ds
+                if PRIOR_GRAD:
+                    da_sum += _softmax_backward(c, tl.sum(u_hat * ds, axis=2))
+            else:
+                v_sum = tl.load(v_sums_ptr + (r - 1) * state_size + offs, mask=mask, other=0.0)
+                logits = tl.sum(u_hat * v_sum, axis=2)
+                if HAS_PRIOR:
+                    logits += prior
+                c = _coupling(logits, J, BLOCK_J, LEAKY)
+                du_hat += c[:, :, None] * ds
+                if FIRST_TERM == 0:  # full gradient: through the softmax too
+                    da = _softmax_backward(c, tl.sum(u_hat * ds, axis=2))
+                    du_hat += da[:, :, None] * v_sum
                     if PRIOR_GRAD:
-                        da_sum += _softmax_backward(c, tl.sum(u_hat * ds, axis=2))
-                else:
-                    v_sum = tl.load(v_sums_ptr + (r - 1) * state_size + offs, mask=mask, other=0.0)
-                    logits = tl.sum(u_hat * v_sum, axis=2)
-                    if HAS_PRIOR:
-                        logits += prior
-                    c = _coupling(logits, J, BLOCK_J, LEAKY)
-                    du_hat += c[:, :, None] * ds
-                    if FIRST_TERM == 0:  # full gradient: through the softmax too
-                        da = _softmax_backward(c, tl.sum(u_hat * ds, axis=2))
-                        du_hat += da[:, :, None] * v_sum
-                        if PRIOR_GRAD:
-                            da_sum += da
-            if PRIOR_GRAD:  # padded samples have ds = 0, hence da = 0
-                dprior_ptrs = dprior_ptr + (pid_c * I + i) * J + offs_j
-                dprior = tl.sum(da_sum, axis=0)
-                if tile > first_tile:
-                    dprior += tl.load(dprior_ptrs, mask=offs_j < J, other=0.0)
-                tl.store(dprior_ptrs, dprior, mask=offs_j < J)
-            # du_bik = sum_jd W_ijdk du_hat_bijd ; dW_ijdk += sum_b du_hat_bijd u_bik
-            w_row = w_ptr + i * stride_wi + offs_j[:, None] * stride_wj + offs_d[None, :] * stride_wd
-            u_row = u_ptr + offs_b * stride_ub + i * stride_ui
-            for k in tl.static_range(K):
-                w_k = tl.load(w_row + k * stride_wk, mask=jd_mask, other=0.0).to(ACC)
-                du_k = tl.sum(tl.sum(du_hat * w_k[None, :, :], axis=2), axis=1)
-                tl.store(du_ptr + offs_b * (I * K) + i * K + k, du_k.to(du_ptr.dtype.element_ty), mask=b_mask)
-                u_k = tl.load(u_row + k * stride_uk, mask=b_mask, other=0.0).to(ACC)
-                dw_k = tl.sum(du_hat * u_k[:, None, None], axis=0)
-                dw_ptrs = dw_chunk + (k * I + i) * (J * D) + jd_offs
-                if tile > first_tile:
-                    dw_k += tl.load(dw_ptrs, mask=jd_mask, other=0.0)
-                tl.store(dw_ptrs, dw_k, mask=jd_mask)
+                        da_sum += da
+        if PRIOR_GRAD:  # padded samples have ds = 0, hence da = 0
+            dprior_ptrs = dprior_ptr + (pid_c * I + i) * J + offs_j
+            dprior = tl.sum(da_sum, axis=0)
+            if step >= n_i:  # not the chunk's first tile: add to its partial sums
+                dprior += tl.load(dprior_ptrs, mask=offs_j < J, other=0.0)
+            tl.store(dprior_ptrs, dprior, mask=offs_j < J)
+        # du_bik = sum_jd W_ijdk du_hat_bijd ; dW_ijdk += sum_b du_hat_bijd u_bik
+        w_row, _ = _w_slices(w_ptr, i, J, D, K, BLOCK_J, BLOCK_D)
+        u_row = u_ptr + offs_b * stride_ub + i * stride_ui
+        for k in tl.static_range(K):
+            w_k = tl.load(w_row + k * (J * D), mask=jd_mask, other=0.0).to(ACC)
+            # one reduction over (j, d) flattened: one butterfly over the warp, not one per axis
+            du_k = tl.sum(tl.reshape(du_hat * w_k[None, :, :], (BLOCK_B, BLOCK_J * BLOCK_D)), axis=1)
+            tl.store(du_ptr + offs_b * (I * K) + i * K + k, du_k.to(du_ptr.dtype.element_ty), mask=b_mask)
+            u_k = tl.load(u_row + k * stride_uk, mask=b_mask, other=0.0).to(ACC)
+            dw_k = tl.sum(du_hat * u_k[:, None, None], axis=0)
+            dw_ptrs = dw_chunk + (k * I + i) * (J * D) + jd_offs
+            if step >= n_i:  # not the chunk's first tile: add to its partial sums
+                dw_k += tl.load(dw_ptrs, mask=jd_mask, other=0.0)
+            tl.store(dw_ptrs, dw_k, mask=jd_mask)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -353,15 +373,15 @@ class _Config:
 
 
 def _transposed(weight: torch.Tensor) -> torch.Tensor:
-    """W copied to [I, K, J, D]: every W_i[:, :, k] slice the kernels load is then a contiguous
-    [J, D] block (16-byte vector loads). Its strides in (i, j, d, k) order are Plan.w_strides."""
+    """W copied to [I, K, J, D], contiguous: every W_i[:, :, k] slice the kernels load is then a
+    contiguous [J, D] block (16-byte vector loads), at offsets the kernels know at compile time."""
     return weight.permute(0, 3, 1, 2).contiguous()
 
 
 class _Plan:
     """What the launches of one problem share and derive from its shapes, dtypes, device, options
     and overrides alone, built once (common.cached_plan): the launch parameters, the buffers'
-    shapes, the strides of W transposed, and per launch its grid and keyword arguments."""
+    shapes, and per launch its grid and keyword arguments."""
 
     def __init__(self, u: torch.Tensor, weight: torch.Tensor, input_precision: str, iterations: int, leaky: bool,
                  has_bias: bool, has_prior: bool, detach_routing: bool):
@@ -371,8 +391,6 @@ class _Plan:
         self.state_dtype = state_dtype(u.dtype)
         self.state_size = batch * out_caps * out_dim
         self.state_shape = (batch, out_caps, out_dim)
-        # W transposed is contiguous [I, K, J, D]; its strides in (i, j, d, k) order
-        self.w_strides = (in_dim * out_caps * out_dim, out_dim, 1, out_caps * out_dim)
         constants = dict(J=out_caps, D=out_dim, K=in_dim, BLOCK_B=cfg.block_b,
                          BLOCK_J=triton.next_power_of_2(out_caps), BLOCK_D=triton.next_power_of_2(out_dim),
                          ACC=tl.float64 if u.dtype == torch.float64 else tl.float32,
@@ -428,7 +446,7 @@ def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     bias_arg = bias if bias is not None else s_all  # never read without HAS_BIAS
     bias_strides = bias.stride() if bias is not None else (0, 0)
     prior_arg, prior_strides = _prior_args(prior, s_all)
-    strides = (*u.stride(), *plan.w_strides, *bias_strides, *prior_strides)
+    strides = (*u.stride(), *bias_strides, *prior_strides)
     for r, kwargs in enumerate(plan.forward_kwargs):
         _forward_pass_kernel[plan.pass_grid](
             u, w_t, bias_arg, prior_arg, v, s_all, v_sums, partial, counter,
@@ -456,7 +474,7 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
         dv = torch.empty((iterations - 1,) + plan.state_shape, dtype=state_dtype_, device=device)
         partial = torch.empty((cfg.n_splits,) + plan.state_shape, dtype=state_dtype_, device=device)
         counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=device)
-        strides = (*u.stride(), *plan.w_strides, *grad_v.stride(), *prior_strides)
+        strides = (*u.stride(), *grad_v.stride(), *prior_strides)
         for pass_index, r, kwargs in plan.reverse_passes:
             _reverse_pass_kernel[plan.pass_grid](
                 u, w_t, prior_arg, s_all, v_sums, grad_v, dv, ds, partial, counter,
@@ -470,7 +488,7 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
     _input_grad_kernel[plan.grad_grid](
         u, w_t, prior_arg, v_sums, ds, grad_u, grad_w_partial, grad_prior_partial,
         batch, in_caps, state_size, weight.numel(), cfg.grad_i_per_prog, cfg.grad_tiles_per_chunk,
-        *u.stride(), *plan.w_strides, *prior_strides, **plan.grad_kwargs)
+        *u.stride(), *prior_strides, **plan.grad_kwargs)
     # dW [I, J, D, K] from the partials [chunks, K, I, J, D]: one kernel that sums (in a fixed
     # order) and transposes at once, or copies (and casts) the only chunk
     grad_w_partial = grad_w_partial.permute(0, 2, 3, 4, 1)
