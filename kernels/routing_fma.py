@@ -50,9 +50,12 @@ def _w_slices(w_ptr, i, J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, BLOCK
 def _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk,
              J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
              BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-             TF32: tl.constexpr):
+             TF32: tl.constexpr, FOLD_J: tl.constexpr):
     """u_hat[b, j, d] = sum_k W[i, j, d, k] u[b, i, k] for the batch tile, zero outside. With TF32
-    the fp32 operands are first rounded to tf32, as a tf32 tensor-core product would."""
+    the fp32 operands are first rounded to tf32, as a tf32 tensor-core product would. FOLD_J
+    selects W's padded j to 0 once more after the load: the pipelined load comes from shared
+    memory, where the compiler cannot see the zeros, and with a layout that keeps padded j in
+    whole registers (see _load_state) the select is constant and those rows' products fold away."""
     w_row, w_mask = _w_slices(w_ptr, i, J, D, K, BLOCK_J, BLOCK_D)
     u_row = u_ptr + offs_b * stride_ub + i * stride_ui
     b_mask = offs_b < B
@@ -60,6 +63,8 @@ def _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk,
     for k in tl.static_range(K):
         u_k = tl.load(u_row + k * stride_uk, mask=b_mask, other=0.0).to(ACC)
         w_k = tl.load(w_row + k * (J * D), mask=w_mask, other=0.0).to(ACC)
+        if FOLD_J and BLOCK_J != J:
+            w_k = tl.where(w_mask, w_k, 0.0)
         if TF32:
             u_k = round_tf32(u_k)
             w_k = round_tf32(w_k)
@@ -117,6 +122,24 @@ def _state_offsets(tile, B, J: tl.constexpr, D: tl.constexpr,
 
 
 @triton.jit
+def _load_state(ptr, tile, B, stride_b, stride_j, stride_d, J: tl.constexpr, D: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Batch tile `tile` (an int64 index) of a [B, J, D] tensor with any strides, as a
+    [BLOCK_B, BLOCK_J, BLOCK_D] tile, 0 outside. Loaded as a 2-D [BLOCK_J, BLOCK_B x BLOCK_D] block
+    and then reshaped: the load's layout then has no two axes of equal contiguity, whose order
+    Triton 3.9 and 3.6 break differently, and both give the loop the layout with few lanes over j
+    (softmax over j mostly inside a thread) and padded j in whole registers (folded away)."""
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_m = tl.arange(0, BLOCK_B * BLOCK_D)
+    offs_b = tile * BLOCK_B + offs_m // BLOCK_D
+    offs_d = offs_m % BLOCK_D
+    ptrs = ptr + offs_b[None, :] * stride_b + offs_j[:, None] * stride_j + offs_d[None, :] * stride_d
+    mask = (offs_b < B)[None, :] & (offs_j < J)[:, None] & (offs_d < D)[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    return tl.permute(tl.reshape(x, (BLOCK_J, BLOCK_B, BLOCK_D)), (1, 0, 2))
+
+
+@triton.jit
 def _load_strided(ptr, offs_b, mask, stride_b, stride_j, stride_d, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """A [BLOCK_B, BLOCK_J, BLOCK_D] tile of a [B, J, D] tensor with any strides (stride 0 too)."""
     offs_j = tl.arange(0, BLOCK_J)
@@ -144,14 +167,15 @@ def _forward_pass_kernel(
     offs_b, offs, mask = _state_offsets(pid_b, B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
     state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
     if not FIRST:
-        v_sum = tl.load(v_sums_ptr + (r - 1) * state_size + offs, mask=mask, other=0.0)  # V^(r)
+        v_sum = _load_state(v_sums_ptr + (r - 1) * state_size, pid_b, B, J * D, D, 1, J, D,
+                            BLOCK_B, BLOCK_J, BLOCK_D)  # V^(r)
 
     acc = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
     i_start = pid_s * i_per_split
     i_end = tl.minimum(i_start + i_per_split, I)
     for i in tl.range(i_start, i_end, num_stages=STAGES):
         u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, J, D, K, BLOCK_B, BLOCK_J,
-                         BLOCK_D, ACC, TF32)
+                         BLOCK_D, ACC, TF32, True)
         if FIRST and not HAS_PRIOR:
             acc += u_hat
         else:
@@ -220,12 +244,14 @@ def _reverse_pass_kernel(
     offs_b, offs, mask = _state_offsets(pid_b, B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
     state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
 
-    v_sum = tl.load(v_sums_ptr + (r - 1) * state_size + offs, mask=mask, other=0.0)  # V^(r)
-    s = tl.load(s_all_ptr + r * state_size + offs, mask=mask, other=0.0)
+    v_sum = _load_state(v_sums_ptr + (r - 1) * state_size, pid_b, B, J * D, D, 1, J, D,
+                        BLOCK_B, BLOCK_J, BLOCK_D)  # V^(r)
+    s = _load_state(s_all_ptr + r * state_size, pid_b, B, J * D, D, 1, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
     if TOP:
-        dv = _load_strided(grad_v_ptr, offs_b, mask, stride_gb, stride_gj, stride_gd, BLOCK_J, BLOCK_D).to(ACC)
+        dv = _load_state(grad_v_ptr, pid_b, B, stride_gb, stride_gj, stride_gd, J, D,
+                         BLOCK_B, BLOCK_J, BLOCK_D).to(ACC)
     else:
-        dv = tl.load(dv_ptr + r * state_size + offs, mask=mask, other=0.0)
+        dv = _load_state(dv_ptr + r * state_size, pid_b, B, J * D, D, 1, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
     ds = squash_backward(s, dv, 2)  # dv is loaded again after the loop: not live across it
 
     acc = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
@@ -233,7 +259,7 @@ def _reverse_pass_kernel(
     i_end = tl.minimum(i_start + i_per_split, I)
     for i in tl.range(i_start, i_end, num_stages=STAGES):
         u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, J, D, K, BLOCK_B, BLOCK_J,
-                         BLOCK_D, ACC, TF32)
+                         BLOCK_D, ACC, TF32, True)
         logits = tl.sum(u_hat * v_sum, axis=2)
         if HAS_PRIOR:
             logits += _load_prior(prior_ptr, i, stride_pi, stride_pj, J, BLOCK_J, ACC)
@@ -293,8 +319,10 @@ def _input_grad_kernel(
         i = i_start + step % n_i
         offs_b, offs, mask = _state_offsets(tile, B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
         b_mask = offs_b < B
+        # FOLD_J off: Triton 3.9 gives this loop its own layout (samples inside a thread, for dW's sum
+        # over b), where padded j share registers with real ones and the select would cost (+8 per (b, i))
         u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, J, D, K, BLOCK_B, BLOCK_J,
-                         BLOCK_D, ACC, TF32)
+                         BLOCK_D, ACC, TF32, False)
         du_hat = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
         if PRIOR_GRAD:
             da_sum = tl.zeros((BLOCK_B, BLOCK_J), dtype=ACC)  # sum_r da^(r): the prior is in every b^(r)
