@@ -139,15 +139,6 @@ def _load_state(ptr, tile, B, stride_b, stride_j, stride_d, J: tl.constexpr, D: 
     return tl.permute(tl.reshape(x, (BLOCK_J, BLOCK_B, BLOCK_D)), (1, 0, 2))
 
 
-@triton.jit
-def _load_strided(ptr, offs_b, mask, stride_b, stride_j, stride_d, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A [BLOCK_B, BLOCK_J, BLOCK_D] tile of a [B, J, D] tensor with any strides (stride 0 too)."""
-    offs_j = tl.arange(0, BLOCK_J)
-    offs_d = tl.arange(0, BLOCK_D)
-    ptrs = ptr + offs_b[:, None, None] * stride_b + offs_j[None, :, None] * stride_j + offs_d[None, None, :] * stride_d
-    return tl.load(ptrs, mask=mask, other=0.0)
-
-
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
@@ -218,10 +209,11 @@ def _squash_backward_kernel(s_all_ptr, grad_v_ptr, ds_ptr, B, state_size, r, str
     """ds^(r) = squash_backward(s^(r), grad_v), when no reverse pass produces it (R = 1 or
     detach_routing). grad_v may have any strides (e.g. stride 0 from the gradient of a sum)."""
     pid_b = tl.program_id(0).to(tl.int64)
-    offs_b, offs, mask = _state_offsets(pid_b, B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
+    _, offs, mask = _state_offsets(pid_b, B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
     state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
     s = tl.load(s_all_ptr + r * state_size + offs, mask=mask, other=0.0)
-    dv = _load_strided(grad_v_ptr, offs_b, mask, stride_gb, stride_gj, stride_gd, BLOCK_J, BLOCK_D).to(s.dtype)
+    dv = _load_state(grad_v_ptr, pid_b, B, stride_gb, stride_gj, stride_gd, J, D, BLOCK_B, BLOCK_J,
+                     BLOCK_D).to(s.dtype)
     tl.store(ds_ptr + offs, squash_backward(s, dv, 2), mask=mask)
 
 
