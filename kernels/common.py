@@ -27,12 +27,16 @@ TUNING_KEYS = {
     "kernels": "kernel family: 'tc' (tensor-core dots) or 'fma' (the first kernels: outer-product "
                "FMAs, one warp per 4 samples); see kernels/routing.py",
     # tc family
-    "tc_block_b": "samples per program (>= 16)",
+    "tc_block_b": "samples per program (>= 16); the fwd_* keys override the forward passes alone",
     "tc_num_warps": "warps per program",
     "tc_grad_num_warps": "warps per program of the final backward pass",
     "tc_grad_block_b": "samples per batch tile of the final backward pass (>= 16)",
     "chunk": "input capsules per step of the loop over i (chunk * next_pow2(K) >= 16)",
     "tc_splits": "programs per batch tile in the forward and reverse passes",
+    "fwd_tc_block_b": "forward passes only: samples per program (>= 16)",
+    "fwd_chunk": "forward passes only: input capsules per step of the loop over i",
+    "fwd_tc_stages": "forward passes only: software-pipelining depth",
+    "fwd_tc_num_warps": "forward passes only: warps per program",
     "tc_stages": "software-pipelining depth of the loads over chunks",
     "grad_batch_splits": "final backward pass: programs along the batch per chunk of capsules "
                          "(each > 1 adds one partial copy of dW, summed in a fixed order)",

@@ -358,7 +358,13 @@ def _tc_reverse_kernel(
         for j in tl.static_range(J):  # V and ds tiles re-read per chunk (L1), as in the forward
             w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
             v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
-            ds = tl.load(ds_r_ptr + j * D + offs, mask=mask, other=0.0)
+            ds_mask = mask
+            if BLOCK_B >= 128:
+                # a mask that depends on the chunk keeps the ds tiles in the loop: hoisted, they
+                # would join the V tiles in shared memory (hi and lo at tf32x3: 320 KB at 128
+                # samples). Smaller tiles fit, and re-rounding them per chunk would cost more.
+                ds_mask = mask & (chunk < chunk_end)
+            ds = tl.load(ds_r_ptr + j * D + offs, mask=ds_mask, other=0.0)
             logit = _segment_sum(u * _dot(v_sum, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB)
             if HAS_PRIOR:
                 logit += _load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC)
@@ -517,44 +523,91 @@ GRAD_WAVES = 2
 GRAD_MIN_TILES = 8
 
 
+def _constants(u: torch.Tensor, weight: torch.Tensor, input_precision: str, block_b: int, chunk: int,
+               stages: int) -> dict:
+    """The compile-time constants of a kernel over tiles of block_b samples and chunks of chunk capsules."""
+    _, out_caps, out_dim, in_dim = weight.shape
+    kp = triton.next_power_of_2(in_dim)
+    if chunk * kp < 16:
+        raise ValueError(f"chunk * next_pow2(K) must be >= 16 (a dot's minimum), got {chunk} * {kp}")
+    if block_b < 16:
+        raise ValueError(f"tc_block_b must be >= 16 (a dot's minimum), got {block_b}")
+    # the accumulator-layout order of the columns where it applies (see _columns)
+    kb = 2 if (chunk == 4 and kp >= 2) else kp
+    half = u.dtype in (torch.float16, torch.bfloat16)
+    dp = max(16, triton.next_power_of_2(out_dim))  # tensor-core dots need K, N >= 16
+    return dict(
+        J=out_caps, D=out_dim, K=in_dim, KA=kp // kb, KB=kb, DP=dp, CHUNK=chunk, BLOCK_B=block_b,
+        PREC=_HALF if half else (0 if u.dtype == torch.float64 else PRECISIONS[input_precision]),
+        ACC=tl.float64 if u.dtype == torch.float64 else tl.float32, STAGES=stages,
+        # the k-major order of the second dot's operands renames registers for tf32 dots
+        # (kWidth 1); fp16/bf16 operands (kWidth 2) already match the accumulator layout
+        KMAJOR=not half and u.dtype != torch.float64)
+
+
+class _Tiling:
+    """The tiling of the forward or the reverse passes over i: BLOCK_B samples per program on
+    num_warps warps, CHUNK capsules per step, the software-pipelining depth, the split of the
+    chunks per batch tile, and the kernels' compile-time constants."""
+
+    def __init__(self, u: torch.Tensor, weight: torch.Tensor, input_precision: str, block_b: int, chunk: int,
+                 stages: int, num_warps: int):
+        self.block_b, self.num_warps = block_b, num_warps
+        self.constants = _constants(u, weight, input_precision, block_b, chunk, stages)
+        self.n_tiles = triton.cdiv(u.shape[0], block_b)
+        n_chunks = triton.cdiv(u.shape[1], chunk)
+        splits = tuned("tc_splits", min(MAX_SPLITS, triton.cdiv(program_target(u.device, num_warps), self.n_tiles)))
+        self.chunks_per_split = triton.cdiv(n_chunks, max(1, min(splits, n_chunks)))
+        self.n_splits = triton.cdiv(n_chunks, self.chunks_per_split)
+
+
 class _Config:
-    """Launch parameters and compile-time constants of one problem; tuning() overrides."""
+    """Launch parameters and compile-time constants of one problem; tuning() overrides. The
+    forward passes, the reverse passes and the final pass have tilings of their own: the fwd_*
+    keys override the forward's alone, the other keys all three."""
 
     def __init__(self, u: torch.Tensor, weight: torch.Tensor, input_precision: str):
         batch, in_caps, in_dim = u.shape
-        _, out_caps, out_dim, _ = weight.shape
         kp = triton.next_power_of_2(in_dim)
-        dp = max(16, triton.next_power_of_2(out_dim))  # tensor-core dots need K, N >= 16
         # 32 columns per chunk (4 capsules of 8): the shared memory of the W tiles and the
         # registers of the J logit tiles stay within an H100's budget (scripts/inspect_kernels.py)
         chunk = tuned("chunk", max(1, 32 // kp))
-        if chunk * kp < 16:
-            raise ValueError(f"chunk * next_pow2(K) must be >= 16 (a dot's minimum), got {chunk} * {kp}")
-        # the accumulator-layout order of the columns where it applies (see _capsule_columns)
-        kb = 2 if (chunk == 4 and kp >= 2) else kp
-        self.block_b = tuned("tc_block_b", 64 if batch > 16 else 16)
-        if self.block_b < 16:
-            raise ValueError(f"tc_block_b must be >= 16 (a dot's minimum), got {self.block_b}")
+        block_b = tuned("tc_block_b", 64 if batch > 16 else 16)
         # 8 warps on 64 samples: half the accumulator registers per thread of 4 warps, which
         # spill (scripts/inspect_kernels.py, sm_90)
-        self.num_warps = tuned("tc_num_warps", 8 if self.block_b >= 64 else 1)
-        # the final pass's dW dots are [columns, BLOCK_B] x [BLOCK_B, D], too small for 8 warps:
+        num_warps = tuned("tc_num_warps", 8 if block_b >= 64 else 1)
+        stages = tuned("tc_stages", 2)
+        # Forward and (fp32) reverse passes: 128 samples on 8 warps where the batch has them, so
+        # that each warpgroup owns 64 rows of the first dots (with 64, both warpgroups compute all
+        # of P = V_j W_j and the element-wise work after it); then 16 columns per chunk and no
+        # software pipelining keep the accumulators (twice the registers of 64 samples) from
+        # spilling, and the V^(r) tiles that Triton hoists into shared memory (hi and lo at
+        # tf32x3: 160 KB) within it. sm_90, MNIST shape, tf32x3: forward 125.8 -> 68.8 warp
+        # instructions per (b, i) and 568 -> 0 spilled bytes, reverse 150.6 -> 111.9 and 592 -> 40.
+        # The bf16 reverse pass gains no instructions from it (48.7 -> 51.2); fp64 is a
+        # correctness path.
+        wide = batch > 64 and u.dtype != torch.float64
+        wide_block_b = tuned("tc_block_b", 128)
+
+        def tiling(wide: bool, prefix: str) -> _Tiling:
+            """The wide or the default tiling, overridden by the keys prefix + key."""
+            tile_b = tuned(prefix + "tc_block_b", wide_block_b if wide else block_b)
+            warps = tuned(prefix + "tc_num_warps", tuned("tc_num_warps", 8 if tile_b >= 64 else 1))
+            return _Tiling(u, weight, input_precision, tile_b,
+                           tuned(prefix + "chunk", tuned("chunk", max(1, 16 // kp)) if wide else chunk),
+                           tuned(prefix + "tc_stages", tuned("tc_stages", 1) if wide else stages), warps)
+
+        self.fwd = tiling(wide, "fwd_")
+        self.rev = tiling(wide and u.dtype == torch.float32, "")
+        # final pass. Its dW dots are [columns, BLOCK_B] x [BLOCK_B, D], too small for 8 warps:
         # more warps only replicate them (and their registers)
-        self.grad_num_warps = tuned("tc_grad_num_warps", min(self.num_warps, 4))
+        self.grad_num_warps = tuned("tc_grad_num_warps", min(num_warps, 4))
         # the final pass holds J dW tiles across its batch tiles: small batch tiles keep the J
         # logit, coupling and gradient tiles beside them within the registers
         self.grad_block_b = tuned("tc_grad_block_b", 16)
-        if self.grad_block_b < 16:
-            raise ValueError(f"tc_grad_block_b must be >= 16 (a dot's minimum), got {self.grad_block_b}")
-        self.stages = tuned("tc_stages", 2)
-        self.n_tiles = triton.cdiv(batch, self.block_b)
-        n_chunks = triton.cdiv(in_caps, chunk)
-        splits = tuned("tc_splits", min(MAX_SPLITS, triton.cdiv(program_target(u.device, self.num_warps),
-                                                             self.n_tiles)))
-        self.chunks_per_split = triton.cdiv(n_chunks, max(1, min(splits, n_chunks)))
-        self.n_splits = triton.cdiv(n_chunks, self.chunks_per_split)
-        self.n_chunks = n_chunks
-        # final pass: one program per chunk of capsules and run of batch tiles. The chunks alone
+        self.grad_constants = _constants(u, weight, input_precision, self.grad_block_b, chunk, stages)
+        self.n_chunks = triton.cdiv(in_caps, chunk)
+        # One program per chunk of capsules and run of batch tiles. The chunks alone
         # (288 at the MNIST shape) are about one wave of an H100 (2 programs per SM at 255
         # registers), each walking the whole batch in series: split the batch until there are
         # GRAD_WAVES x program_target programs, keeping at least GRAD_MIN_TILES tiles per program
@@ -562,18 +615,10 @@ class _Config:
         # order (deterministic).
         grad_tiles = triton.cdiv(batch, self.grad_block_b)
         grad_splits = tuned("grad_batch_splits", min(
-            triton.cdiv(GRAD_WAVES * program_target(u.device, self.grad_num_warps), n_chunks),
+            triton.cdiv(GRAD_WAVES * program_target(u.device, self.grad_num_warps), self.n_chunks),
             max(1, grad_tiles // GRAD_MIN_TILES)))
         self.grad_tiles_per_prog = triton.cdiv(grad_tiles, max(1, min(grad_splits, grad_tiles)))
         self.grad_splits = triton.cdiv(grad_tiles, self.grad_tiles_per_prog)
-        half = u.dtype in (torch.float16, torch.bfloat16)
-        self.constants = dict(
-            J=out_caps, D=out_dim, K=in_dim, KA=kp // kb, KB=kb, DP=dp, CHUNK=chunk, BLOCK_B=self.block_b,
-            PREC=_HALF if half else (0 if u.dtype == torch.float64 else PRECISIONS[input_precision]),
-            ACC=tl.float64 if u.dtype == torch.float64 else tl.float32, STAGES=self.stages,
-            # the k-major order of the second dot's operands renames registers for tf32 dots
-            # (kWidth 1); fp16/bf16 operands (kWidth 2) already match the accumulator layout
-            KMAJOR=not half and u.dtype != torch.float64)
 
 
 class _Plan:
@@ -589,24 +634,26 @@ class _Plan:
         self.state_dtype = state_dtype(u.dtype)
         self.state_size = batch * out_caps * out_dim
         self.state_shape = (batch, out_caps, out_dim)
-        self.pass_grid = (cfg.n_tiles, cfg.n_splits)
+        fwd, rev = cfg.fwd, cfg.rev
+        self.forward_grid = (fwd.n_tiles, fwd.n_splits)
         self.forward_kwargs = [dict(FIRST=r == 0, LAST=r == iterations - 1, HAS_BIAS=has_bias, HAS_PRIOR=has_prior,
-                                    LEAKY=leaky, **cfg.constants, num_warps=cfg.num_warps)
+                                    LEAKY=leaky, **fwd.constants, num_warps=fwd.num_warps)
                                for r in range(iterations)]
         self.first_term = iterations - 1 if (detach_routing or iterations == 1) else 0
         self.prior_grad = has_prior and not detach_routing
-        self.squash_grid = (cfg.n_tiles,)
-        self.squash_kwargs = dict(J=out_caps, D=out_dim, DP=cfg.constants["DP"], BLOCK_B=cfg.block_b,
-                                  ACC=cfg.constants["ACC"], num_warps=cfg.num_warps)
+        self.squash_grid = (rev.n_tiles,)
+        self.squash_kwargs = dict(J=out_caps, D=out_dim, DP=rev.constants["DP"], BLOCK_B=rev.block_b,
+                                  ACC=rev.constants["ACC"], num_warps=rev.num_warps)
+        self.reverse_grid = (rev.n_tiles, rev.n_splits)
         # reverse passes r = R-1 .. 1 (none under detach_routing or for R = 1), as (pass_index, r, kwargs)
         self.reverse_passes = ([(pass_index, r, dict(TOP=r == iterations - 1, HAS_PRIOR=has_prior, LEAKY=leaky,
-                                                     **cfg.constants, num_warps=cfg.num_warps))
+                                                     **rev.constants, num_warps=rev.num_warps))
                                 for pass_index, r in enumerate(range(iterations - 1, 0, -1))]
                                if self.first_term == 0 else [])
         self.grad_grid = (cfg.n_chunks, cfg.grad_splits)
         self.grad_kwargs = dict(R=iterations, FIRST_TERM=self.first_term, HAS_PRIOR=has_prior,
                                 PRIOR_GRAD=self.prior_grad, LEAKY=leaky,
-                                **(cfg.constants | dict(BLOCK_B=cfg.grad_block_b)), num_warps=cfg.grad_num_warps)
+                                **cfg.grad_constants, num_warps=cfg.grad_num_warps)
 
 
 def _plan(u: torch.Tensor, weight: torch.Tensor, input_precision: str, iterations: int, leaky: bool,
@@ -631,16 +678,16 @@ def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     v = torch.empty(plan.state_shape, dtype=u.dtype, device=device)
     s_all = torch.empty((iterations,) + plan.state_shape, dtype=state_dtype_, device=device)
     v_sums = torch.empty((iterations - 1,) + plan.state_shape, dtype=state_dtype_, device=device)
-    partial = torch.empty((cfg.n_splits,) + plan.state_shape, dtype=state_dtype_, device=device)
-    counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=device)
+    partial = torch.empty((cfg.fwd.n_splits,) + plan.state_shape, dtype=state_dtype_, device=device)
+    counter = torch.zeros(cfg.fwd.n_tiles, dtype=torch.int32, device=device)
     bias_arg = bias if bias is not None else s_all  # never read without HAS_BIAS
     bias_strides = bias.stride() if bias is not None else (0, 0)
     prior_arg, prior_strides = _prior_args(prior, s_all)
     strides = (*u.stride(), *weight.stride(), *bias_strides, *prior_strides)
     for r, kwargs in enumerate(plan.forward_kwargs):
-        _tc_forward_kernel[plan.pass_grid](
+        _tc_forward_kernel[plan.forward_grid](
             u, weight, bias_arg, prior_arg, v, s_all, v_sums, partial, counter,
-            batch, in_caps, plan.state_size, r, cfg.chunks_per_split, cfg.n_splits, *strides, **kwargs)
+            batch, in_caps, plan.state_size, r, cfg.fwd.chunks_per_split, cfg.fwd.n_splits, *strides, **kwargs)
     return v, s_all, v_sums
 
 
@@ -662,13 +709,14 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
         **plan.squash_kwargs)
     if plan.reverse_passes:
         dv = torch.empty((iterations - 1,) + plan.state_shape, dtype=state_dtype_, device=device)
-        partial = torch.empty((cfg.n_splits,) + plan.state_shape, dtype=state_dtype_, device=device)
-        counter = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=device)
+        partial = torch.empty((cfg.rev.n_splits,) + plan.state_shape, dtype=state_dtype_, device=device)
+        counter = torch.zeros(cfg.rev.n_tiles, dtype=torch.int32, device=device)
         strides = (*u.stride(), *weight.stride(), *prior_strides)
         for pass_index, r, kwargs in plan.reverse_passes:
-            _tc_reverse_kernel[plan.pass_grid](
+            _tc_reverse_kernel[plan.reverse_grid](
                 u, weight, prior_arg, s_all, v_sums, dv, ds, partial, counter,
-                batch, in_caps, state_size, r, pass_index, cfg.chunks_per_split, cfg.n_splits, *strides, **kwargs)
+                batch, in_caps, state_size, r, pass_index, cfg.rev.chunks_per_split, cfg.rev.n_splits, *strides,
+                **kwargs)
 
     grad_u = torch.empty(u.shape, dtype=u.dtype, device=device)
     if cfg.grad_splits == 1:  # written once, in the weight's dtype: no partials to sum

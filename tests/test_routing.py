@@ -158,7 +158,7 @@ LAUNCH_CONFIGS = {
             dict(block_b=8, splits=37, grad_tiles_per_chunk=9, grad_i_per_prog=1, stages=3)],
     "tc": [dict(tc_block_b=16, tc_splits=3, chunk=2, grad_batch_splits=2),
            dict(tc_block_b=32, tc_splits=1, chunk=8, tc_stages=1, tc_num_warps=2, tc_grad_block_b=32),
-           dict(tc_block_b=16, tc_splits=19, chunk=2, grad_batch_splits=3, tc_stages=3)],
+           dict(tc_block_b=16, tc_splits=19, chunk=2, grad_batch_splits=3, tc_stages=3, fwd_chunk=4)],
 }
 
 
@@ -168,7 +168,8 @@ LAUNCH_CONFIGS = {
 # partial; tc: B = 33 in forward tiles of 16 and 32 and 3 backward tiles of 16, so
 # grad_batch_splits = 2 has a split of two tiles), a partial last chunk and split of i (fma: 13
 # capsules in splits of 5, 5, 3; tc: 7 chunks of 2, the last with one capsule, in splits of
-# 3, 3, 1), and more requested splits (37, 19) than capsules or chunks. The interpreter's time
+# 3, 3, 1; the third configuration's forward: 4 chunks of 4, a tiling of its own), and more
+# requested splits (37, 19) than capsules or chunks. The interpreter's time
 # grows with B * I.
 LAUNCH_SHAPES = {"fma": (9, 13, 3, 7, 5), "tc": (33, 13, 3, 7, 5)}
 
@@ -687,8 +688,9 @@ def test_small_batches_bound_the_partials(batch, monkeypatch):
         monkeypatch.setattr(module, "program_target", lambda device, num_warps: 16 * 132 // num_warps)
     u = torch.empty(batch, 1152, 8)
     weight = torch.empty(1152, 10, 16, 8)
-    for config in (routing_fma._Config(u, weight), routing_tc._Config(u, weight, "tf32x3")):
-        assert 1 < config.n_splits <= common.MAX_SPLITS
+    tc = routing_tc._Config(u, weight, "tf32x3")
+    for tiling in (routing_fma._Config(u, weight), tc.fwd, tc.rev):
+        assert 1 < tiling.n_splits <= common.MAX_SPLITS
 
 
 @pytest.mark.parametrize("batch, splits", [(128, 1), (256, 2), (8192, 4), (3, 1)])
