@@ -24,8 +24,10 @@ where the chunks alone would not fill the GPU, and the splits' partial dW are su
 with c^(0) = 1 / (J + leaky) and no da^(0) without a prior. A prior [I, J] joins every logit
 (logits = prior + u . P; c^(0) = softmax(prior), computed on [1, CHUNK] tiles and broadcast), and
 its gradient dprior = sum_r sum_b da^(r) (da^(0) too) is summed over the batch tiles of a program
-in registers and over the batch splits in a fixed order. P and Q are computed twice per chunk
-(once for the logits, once for du), which costs less than keeping J of them live.
+in registers and over the batch splits in a fixed order. Per r, one sweep over j forms P_j and
+Q_j once, and with them the logits, dc and du, the softmax's normaliser kept online (as in flash
+attention; see the kernel): neither J tiles of P and Q held until the softmax (they spill) nor
+recomputed (MLIR merges the recomputed dot with the first). A second sweep adds the dW dots.
 
 Precision of the fp32 dots (PREC): "ieee" exact fp32 products (FMA units); "tf32" operands
 rounded to nearest tf32, then one tensor-core product (Triton's own tf32 truncates, 5x the
@@ -432,6 +434,8 @@ def _tc_input_grad_kernel(
         offs, mask = _state_tile(row0, B, BLOCK_B, J, D, DP)
         state = row0 * (J * D)
         row_ok = tl.arange(0, BLOCK_B) < B - row0
+        offs_t = tl.arange(0, DP)[:, None] + tl.arange(0, BLOCK_B)[None, :] * (J * D)  # [DP, BLOCK_B]
+        mask_t = (tl.arange(0, DP) < D)[:, None] & row_ok[None, :]
         u = _load_u(u_ptr, row0, chunk, u_offs, row_ok, c1, k1, I, stride_ub, stride_ui, K, CHUNK).to(ACC)
         zero = tl.zeros((BLOCK_B, KA * CHUNK * KB), dtype=ACC)
         du = zero
@@ -468,35 +472,74 @@ def _tc_input_grad_kernel(
         for r in range(FIRST_TERM + (FIRST_TERM == 0), R):  # from 1 when FULL; not unrolled: code size
             v_sum_ptr = v_sums_ptr + (r - 1) * state_size + state
             ds_r_ptr = ds_ptr + (r - FIRST_TERM) * state_size + state
+            # One sweep over j forms the logits, dc and du's sums of the P and Q tiles, weighted by
+            # e_j = exp(logit_j - top) with the softmax's running max `top` and normaliser kept
+            # online (the sums are rescaled when top grows, as in flash attention): c_j = e_j / Z
+            # is known only after the last j, and holding the J tiles of P and Q until then
+            # spills (MLIR merges a recomputed dot with the first). With c_j = e_j / Z and
+            # mean = sum_j c_j dc_j:
+            #   du = sum_j c_j Q_j + c_j (dc_j - mean) P_j
+            #      = (sum_j e_j (Q_j + dc_j P_j) - mean sum_j e_j P_j) / Z
+            if LEAKY:  # the leak logit 0 joins the max and the normaliser
+                top = tl.zeros((BLOCK_B, CHUNK), dtype=ACC)
+                total = tl.full((BLOCK_B, CHUNK), 1.0, dtype=ACC)
+            else:
+                top = tl.full((BLOCK_B, CHUNK), float("-inf"), dtype=ACC)
+                total = tl.zeros((BLOCK_B, CHUNK), dtype=ACC)
+            e_qp = zero  # sum_j e_j (Q_j + dc_j P_j); sum_j e_j Q_j without FULL
+            if FULL:
+                e_dc = tl.zeros((BLOCK_B, CHUNK), dtype=ACC)
+                e_p = zero
             logits = ()
             dc = ()
             for j in tl.static_range(J):
                 w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
                 v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
-                logit = _segment_sum(u * _dot(v_sum, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB)
+                ds = tl.load(ds_r_ptr + j * D + offs, mask=mask, other=0.0)
+                p = _dot(v_sum, w, zero, PREC, OP)
+                q = _dot(ds, w, zero, PREC, OP)
+                logit = _segment_sum(u * p, BLOCK_B, CHUNK, KA, KB)
                 if HAS_PRIOR:
                     logit += _load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC)
                 logits = logits + (logit,)
+                new_top = tl.maximum(top, logit)
+                rescale = tl.exp(top - new_top)
+                e = tl.exp(logit - new_top)
+                top = new_top
+                total = total * rescale + e
+                rescale_cols = _spread(rescale, BLOCK_B, CHUNK, KA, KB)
+                e_cols = _spread(e, BLOCK_B, CHUNK, KA, KB)
                 if FULL:
-                    ds = tl.load(ds_r_ptr + j * D + offs, mask=mask, other=0.0)
-                    dc = dc + (_segment_sum(u * _dot(ds, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB),)
-            c = _softmax(logits, J, LEAKY)
+                    dc_j = _segment_sum(u * q, BLOCK_B, CHUNK, KA, KB)
+                    dc = dc + (dc_j,)
+                    e_dc = e_dc * rescale + e * dc_j
+                    e_p = e_p * rescale_cols + e_cols * p
+                    q += _spread(dc_j, BLOCK_B, CHUNK, KA, KB) * p
+                e_qp = e_qp * rescale_cols + e_cols * q
+            inv = 1 / total
+            c = ()
+            for j in tl.static_range(J):
+                c = c + (tl.exp(logits[j] - top) * inv,)
             if FULL:
-                da = _softmax_backward(c, dc, J)
+                mean = e_dc * inv
+                du += (e_qp - _spread(mean, BLOCK_B, CHUNK, KA, KB) * e_p) * _spread(inv, BLOCK_B, CHUNK, KA, KB)
+                da = ()
+                for j in tl.static_range(J):
+                    da = da + (c[j] * (dc[j] - mean),)
                 if PRIOR_GRAD:
                     for j in tl.static_range(J):
                         dprior = _set(dprior, j, dprior[j] + tl.sum(da[j], axis=0))
+            else:
+                du += e_qp * _spread(inv, BLOCK_B, CHUNK, KA, KB)
+            # the dW dots' tiles of ds and V loaded again, transposed: a reuse of the tiles loaded
+            # above would keep J of each live (in the A-operand layout) through the sweep
             for j in tl.static_range(J):
-                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
-                ds = tl.load(ds_r_ptr + j * D + offs, mask=mask, other=0.0)
-                c_cols = _spread(c[j], BLOCK_B, CHUNK, KA, KB)
-                du += c_cols * _dot(ds, w, zero, PREC, OP)
-                dw = _set(dw, j, _dot(tl.trans(ds), c_cols * u, dw[j], PREC, OP))
+                ds_t = tl.load(ds_r_ptr + j * D + offs_t, mask=mask_t, other=0.0)
+                dw = _set(dw, j, _dot(ds_t, _spread(c[j], BLOCK_B, CHUNK, KA, KB) * u, dw[j], PREC, OP))
                 if FULL:
-                    v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
+                    v_sum_t = tl.load(v_sum_ptr + j * D + offs_t, mask=mask_t, other=0.0)
                     da_cols = _spread(da[j], BLOCK_B, CHUNK, KA, KB)
-                    du += da_cols * _dot(v_sum, w, zero, PREC, OP)
-                    dw = _set(dw, j, _dot(tl.trans(v_sum), da_cols * u, dw[j], PREC, OP))
+                    dw = _set(dw, j, _dot(v_sum_t, da_cols * u, dw[j], PREC, OP))
         du_base = du_ptr + row0 * (I * K) + tl.cast(chunk, tl.int64) * (CHUNK * K)
         tl.store(du_base + du_offs, du.to(du_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
