@@ -453,7 +453,8 @@ def _tc_input_grad_kernel(
                 q0 = _dot(ds0, w, zero, PREC, OP)
                 c0_cols = _spread(c0[j], BLOCK_B, CHUNK, KA, KB)
                 du += c0_cols * q0
-                dw = _set(dw, j, _dot(tl.trans(ds0), c0_cols * u, dw[j], PREC, OP))
+                ds0_t = tl.load(ds_ptr + state + j * D + offs_t, mask=mask_t, other=0.0)  # as in the r loop
+                dw = _set(dw, j, _dot(ds0_t, c0_cols * u, dw[j], PREC, OP))
                 if PRIOR_GRAD:
                     dc0 = dc0 + (_segment_sum(u * q0, BLOCK_B, CHUNK, KA, KB),)
             if PRIOR_GRAD:
@@ -627,21 +628,29 @@ class _Config:
         # spilling, and the V^(r) tiles that Triton hoists into shared memory (hi and lo at
         # tf32x3: 160 KB) within it. sm_90, MNIST shape, tf32x3: forward 125.8 -> 68.8 warp
         # instructions per (b, i) and 568 -> 0 spilled bytes, reverse 150.6 -> 111.9 and 592 -> 40.
-        # The bf16 reverse pass gains no instructions from it (48.7 -> 51.2); fp64 is a
-        # correctness path.
+        # fp64 is a correctness path.
         wide = batch > 64 and u.dtype != torch.float64
         wide_block_b = tuned("tc_block_b", 128)
 
-        def tiling(wide: bool, prefix: str) -> _Tiling:
-            """The wide or the default tiling, overridden by the keys prefix + key."""
-            tile_b = tuned(prefix + "tc_block_b", wide_block_b if wide else block_b)
-            warps = tuned(prefix + "tc_num_warps", tuned("tc_num_warps", 8 if tile_b >= 64 else 1))
+        def tiling(wide: bool, prefix: str, wide_samples: int | None = None) -> _Tiling:
+            """The wide tiling (one warpgroup per 64 samples of wide_samples, by default
+            wide_block_b) or the default one, overridden by the keys prefix + key."""
+            tile_b = tuned(prefix + "tc_block_b", (wide_samples or wide_block_b) if wide else block_b)
+            warps_default = max(1, 4 * tile_b // 64) if wide else (8 if tile_b >= 64 else 1)
+            warps = tuned(prefix + "tc_num_warps", tuned("tc_num_warps", warps_default))
             return _Tiling(u, weight, input_precision, tile_b,
                            tuned(prefix + "chunk", tuned("chunk", max(1, 16 // kp)) if wide else chunk),
                            tuned(prefix + "tc_stages", tuned("tc_stages", 1) if wide else stages), warps)
 
         self.fwd = tiling(wide, "fwd_")
-        self.rev = tiling(wide and u.dtype == torch.float32, "")
+        # The 16-bit reverse pass: 64 samples on one warpgroup and 16 columns per chunk. sm_90,
+        # MNIST shape, bf16 (Triton 3.9): 48.7 warp instructions per (b, i) and 96 spilled bytes
+        # with the default tiling (64 samples on 8 warps: both warpgroups compute the same P and
+        # Q), 51.2 and 16 B with 128 samples on 8 warps, 47.2 and 24 B with this one (Triton
+        # 3.6: 47.0 / 48 B -> 46.5 / 16 B; fp16 48.2 / 96 B -> 47.0 / 16 B).
+        half = u.dtype in (torch.float16, torch.bfloat16)
+        self.rev = tiling(batch > 16 if half else wide and u.dtype == torch.float32, "",
+                          wide_samples=64 if half else None)
         # final pass. Its dW dots are [columns, BLOCK_B] x [BLOCK_B, D], too small for 8 warps:
         # more warps only replicate them (and their registers)
         self.grad_num_warps = tuned("tc_grad_num_warps", min(num_warps, 4))
