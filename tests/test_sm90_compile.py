@@ -114,3 +114,16 @@ def test_every_budgeted_kernel_is_compiled():
     prefixes = {_prefix(config) for config in CONFIGS}
     stale = [key for key in BUDGET["kernels"] if key[:key.rindex("/") + 1] not in prefixes]
     assert not stale, f"budget entries of configs CI does not compile: {stale[:5]}"
+
+
+def test_report_set_covers_every_precision_of_both_families():
+    """The report (the README's kernel table, the issue's figures) has every (dtype, precision)
+    each family serves at both shapes: tc at fp32 tf32x3/tf32 and at fp16/bf16, fma at fp32
+    ieee/tf32 and at fp16/bf16."""
+    served = {"tc": {("float32", "tf32x3"), ("float32", "tf32"), ("float16", "ieee"), ("bfloat16", "ieee")},
+              "fma": {("float32", "ieee"), ("float32", "tf32"), ("float16", "ieee"), ("bfloat16", "ieee")}}
+    for shape in (kernel_cost.MNIST, kernel_cost.ODD):
+        for family, precisions in served.items():
+            reported = {(dtype, precision) for fam, shp, dtype, precision, options in kernel_cost.REPORT_SET
+                        if fam == family and shp == shape and not options}
+            assert reported == precisions, (family, shape, sorted(reported))
