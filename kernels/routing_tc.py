@@ -135,12 +135,30 @@ def _load_w(w_ptr, chunk, j: tl.constexpr, offs, c, k, I, stride_wi, stride_wj,
 
 
 @triton.jit
-def _load_u(u_ptr, row0, chunk, offs, row_ok, c, k, I, stride_ub, stride_ui, K: tl.constexpr, CHUNK: tl.constexpr):
-    """[BLOCK_B, columns] slice of u for the samples row0 + (0 .. BLOCK_B-1) and a chunk, zero
-    outside the problem; offs = local row * s_b + c * s_i + k * s_k."""
+def _u_offsets(BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+               stride_ub, stride_ui, stride_uk):
+    """Offsets of a chunk's [BLOCK_B, columns] slice of u in memory order, column m = (c, k) =
+    (m // (KA KB), m % (KA KB)), and those (c, k): each capsule's k form a contiguous run (with
+    stride_uk = 1, specialised by Triton), which loads as vectors with one offset per vector.
+    In the default order (_columns) the runs are interleaved, and every element needs an offset
+    register of its own, held across the loop over chunks."""
+    m = tl.arange(0, CHUNK * KA * KB)
+    c = m // (KA * KB)
+    k = m % (KA * KB)
+    return tl.arange(0, BLOCK_B)[:, None] * stride_ub + (c * stride_ui + k * stride_uk)[None, :], c, k
+
+
+@triton.jit
+def _load_u(u_ptr, row0, chunk, offs, row_ok, c, k, I, stride_ub, stride_ui, K: tl.constexpr, CHUNK: tl.constexpr,
+            KA: tl.constexpr, KB: tl.constexpr, BLOCK_B: tl.constexpr):
+    """[BLOCK_B, columns] slice of u for the samples row0 + (0 .. BLOCK_B-1) and a chunk, in the
+    default column order (_columns), zero outside the problem; offs, c, k from _u_offsets (memory
+    order), permuted after the load."""
     base = u_ptr + row0 * stride_ub + tl.cast(chunk, tl.int64) * (CHUNK * stride_ui)
     col_ok = (c < I - chunk * CHUNK) & (k < K)
-    return tl.load(base + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    x = tl.load(base + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    x = tl.permute(tl.reshape(x, (BLOCK_B, CHUNK, KA, KB)), (0, 2, 1, 3))
+    return tl.reshape(x, (BLOCK_B, KA * CHUNK * KB))
 
 
 @triton.jit
@@ -242,7 +260,7 @@ def _tc_forward_kernel(
     OP: tl.constexpr = u_ptr.dtype.element_ty
     c1, k1 = _columns(CHUNK, KA, KB, False)
     c2, k2 = _columns(CHUNK, KA, KB, KMAJOR)
-    u_offs = tl.arange(0, BLOCK_B)[:, None] * stride_ub + (c1 * stride_ui + k1 * stride_uk)[None, :]
+    u_offs, cu, ku = _u_offsets(BLOCK_B, CHUNK, KA, KB, stride_ub, stride_ui, stride_uk)
     w1_offs = _w_offsets(c1, k1, stride_wi, stride_wd, stride_wk, DP)
     w2_offs = _w_offsets(c2, k2, stride_wi, stride_wd, stride_wk, DP)
     v_sum_ptr = v_sums_ptr + (r - 1) * state_size + state  # V^(r) of this tile, read per chunk (see below)
@@ -251,7 +269,7 @@ def _tc_forward_kernel(
     chunk_start = pid_s * chunks_per_split
     chunk_end = tl.minimum(chunk_start + chunks_per_split, tl.cdiv(I, CHUNK))
     for chunk in tl.range(chunk_start, chunk_end, num_stages=STAGES):
-        u = _load_u(u_ptr, row0, chunk, u_offs, row_ok, c1, k1, I, stride_ub, stride_ui, K, CHUNK).to(ACC)
+        u = _load_u(u_ptr, row0, chunk, u_offs, row_ok, cu, ku, I, stride_ub, stride_ui, K, CHUNK, KA, KB, BLOCK_B).to(ACC)
         if FIRST and not HAS_PRIOR:  # c = 1 / (J + leaky) for every capsule: applied once, after the loop
             for j in tl.static_range(J):
                 w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
@@ -296,8 +314,11 @@ def _tc_forward_kernel(
             elif FIRST:
                 tl.store(v_sums_ptr + state + j * D + offs, v, mask=mask)
             else:
-                v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
-                tl.store(v_sums_ptr + r * state_size + state + j * D + offs, v_sum + v, mask=mask)
+                # V^(r) addressed from V^(r+1)'s row: the pointers of the loop's V^(r) loads
+                # (hoisted before it) would be reused, and held as 64-bit values across the loop
+                v_sum_next = v_sums_ptr + r * state_size + state + j * D + offs
+                v_sum = tl.load(v_sum_next - state_size, mask=mask, other=0.0)
+                tl.store(v_sum_next, v_sum + v, mask=mask)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -343,7 +364,7 @@ def _tc_reverse_kernel(
     OP: tl.constexpr = u_ptr.dtype.element_ty
     c1, k1 = _columns(CHUNK, KA, KB, False)
     c2, k2 = _columns(CHUNK, KA, KB, KMAJOR)
-    u_offs = tl.arange(0, BLOCK_B)[:, None] * stride_ub + (c1 * stride_ui + k1 * stride_uk)[None, :]
+    u_offs, cu, ku = _u_offsets(BLOCK_B, CHUNK, KA, KB, stride_ub, stride_ui, stride_uk)
     w1_offs = _w_offsets(c1, k1, stride_wi, stride_wd, stride_wk, DP)
     w2_offs = _w_offsets(c2, k2, stride_wi, stride_wd, stride_wk, DP)
     v_sum_ptr = v_sums_ptr + (r - 1) * state_size + state  # V^(r)
@@ -353,7 +374,7 @@ def _tc_reverse_kernel(
     chunk_start = pid_s * chunks_per_split
     chunk_end = tl.minimum(chunk_start + chunks_per_split, tl.cdiv(I, CHUNK))
     for chunk in tl.range(chunk_start, chunk_end, num_stages=STAGES):
-        u = _load_u(u_ptr, row0, chunk, u_offs, row_ok, c1, k1, I, stride_ub, stride_ui, K, CHUNK).to(ACC)
+        u = _load_u(u_ptr, row0, chunk, u_offs, row_ok, cu, ku, I, stride_ub, stride_ui, K, CHUNK, KA, KB, BLOCK_B).to(ACC)
         zero = tl.zeros((BLOCK_B, KA * CHUNK * KB), dtype=ACC)
         logits = ()
         dc = ()
@@ -365,7 +386,8 @@ def _tc_reverse_kernel(
                 # a mask that depends on the chunk keeps the ds tiles in the loop: hoisted, they
                 # would join the V tiles in shared memory (hi and lo at tf32x3: 320 KB at 128
                 # samples). Smaller tiles fit, and re-rounding them per chunk would cost more.
-                ds_mask = mask & (chunk < chunk_end)
+                # (tl.where: Triton's interpreter rejects a tile mask & a scalar condition)
+                ds_mask = tl.where(chunk < chunk_end, mask, False)
             ds = tl.load(ds_r_ptr + j * D + offs, mask=ds_mask, other=0.0)
             logit = _segment_sum(u * _dot(v_sum, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB)
             if HAS_PRIOR:
@@ -415,7 +437,7 @@ def _tc_input_grad_kernel(
     OP: tl.constexpr = u_ptr.dtype.element_ty
     FULL: tl.constexpr = FIRST_TERM == 0
     c1, k1 = _columns(CHUNK, KA, KB, False)
-    u_offs = tl.arange(0, BLOCK_B)[:, None] * stride_ub + (c1 * stride_ui + k1 * stride_uk)[None, :]
+    u_offs, cu, ku = _u_offsets(BLOCK_B, CHUNK, KA, KB, stride_ub, stride_ui, stride_uk)
     w1_offs = _w_offsets(c1, k1, stride_wi, stride_wd, stride_wk, DP)
     du_offs = tl.arange(0, BLOCK_B)[:, None] * (I * K) + (c1 * K + k1)[None, :]
     col_ok = (c1 < I - chunk * CHUNK) & (k1 < K)
@@ -436,7 +458,7 @@ def _tc_input_grad_kernel(
         row_ok = tl.arange(0, BLOCK_B) < B - row0
         offs_t = tl.arange(0, DP)[:, None] + tl.arange(0, BLOCK_B)[None, :] * (J * D)  # [DP, BLOCK_B]
         mask_t = (tl.arange(0, DP) < D)[:, None] & row_ok[None, :]
-        u = _load_u(u_ptr, row0, chunk, u_offs, row_ok, c1, k1, I, stride_ub, stride_ui, K, CHUNK).to(ACC)
+        u = _load_u(u_ptr, row0, chunk, u_offs, row_ok, cu, ku, I, stride_ub, stride_ui, K, CHUNK, KA, KB, BLOCK_B).to(ACC)
         zero = tl.zeros((BLOCK_B, KA * CHUNK * KB), dtype=ACC)
         du = zero
         if FIRST_TERM == 0 and HAS_PRIOR:  # r = 0: c^(0) = softmax(prior), nothing through V^(0) = 0
@@ -632,23 +654,29 @@ class _Config:
         wide = batch > 64 and u.dtype != torch.float64
         wide_block_b = tuned("tc_block_b", 128)
 
-        def tiling(wide: bool, prefix: str, wide_samples: int | None = None) -> _Tiling:
+        def tiling(wide: bool, prefix: str, wide_samples: int | None = None, wide_columns: int = 16) -> _Tiling:
             """The wide tiling (one warpgroup per 64 samples of wide_samples, by default
-            wide_block_b) or the default one, overridden by the keys prefix + key."""
+            wide_block_b, and wide_columns columns per chunk) or the default one, overridden by
+            the keys prefix + key."""
             tile_b = tuned(prefix + "tc_block_b", (wide_samples or wide_block_b) if wide else block_b)
             warps_default = max(1, 4 * tile_b // 64) if wide else (8 if tile_b >= 64 else 1)
             warps = tuned(prefix + "tc_num_warps", tuned("tc_num_warps", warps_default))
             return _Tiling(u, weight, input_precision, tile_b,
-                           tuned(prefix + "chunk", tuned("chunk", max(1, 16 // kp)) if wide else chunk),
+                           tuned(prefix + "chunk", tuned("chunk", max(1, wide_columns // kp)) if wide else chunk),
                            tuned(prefix + "tc_stages", tuned("tc_stages", 1) if wide else stages), warps)
 
-        self.fwd = tiling(wide, "fwd_")
+        half = u.dtype in (torch.float16, torch.bfloat16)
+        # The 16-bit forward pass: 32 columns per chunk (4 capsules of 8), where each thread holds
+        # all of a capsule's k (see _columns) and the sums over k need no shuffles; its operands
+        # take half the registers of fp32 ones. sm_90, MNIST shape, bf16, Triton 3.9: 30.7 -> 17.5
+        # warp instructions per (b, i) against 16 columns, at 32 spilled bytes (six loop
+        # invariants reloaded per chunk; Triton 3.6: 8 B). fp32 at 32 columns spills 328 B (tf32).
+        self.fwd = tiling(wide, "fwd_", wide_columns=32 if half else 16)
         # The 16-bit reverse pass: 64 samples on one warpgroup and 16 columns per chunk. sm_90,
         # MNIST shape, bf16 (Triton 3.9): 48.7 warp instructions per (b, i) and 96 spilled bytes
         # with the default tiling (64 samples on 8 warps: both warpgroups compute the same P and
         # Q), 51.2 and 16 B with 128 samples on 8 warps, 47.2 and 24 B with this one (Triton
         # 3.6: 47.0 / 48 B -> 46.5 / 16 B; fp16 48.2 / 96 B -> 47.0 / 16 B).
-        half = u.dtype in (torch.float16, torch.bfloat16)
         self.rev = tiling(batch > 16 if half else wide and u.dtype == torch.float32, "",
                           wide_samples=64 if half else None)
         # final pass. Its dW dots are [columns, BLOCK_B] x [BLOCK_B, D], too small for 8 warps:

@@ -15,6 +15,7 @@ import torch
 import fastcaps
 from fastcaps import reference
 from fastcaps.kernels import routing as kernels
+from fastcaps.kernels import routing_tc
 
 # relative-norm tolerance of the fused op against the float64 reference, per input dtype
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -109,6 +110,24 @@ def test_half_precision(dtype, kernel_device, family):
     if dtype == torch.bfloat16 and kernel_device == "cpu":
         pytest.skip("Triton's interpreter has no bfloat16")
     u, weight, bias, grad = make_inputs((3, 13, 10, 16, 8), dtype, kernel_device, bias=True)
+    outs, refs = fused_and_reference(u, weight, bias, grad, 3)
+    for name, out, ref in zip(("v", "du", "dW", "dbias"), outs, refs):
+        assert out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_wide_batch_tilings(dtype, kernel_device, family):
+    """Batches of more than 64 samples, where the tc forward and reverse passes take their wide
+    tilings (routing_tc._Config: 128 samples, 16 columns per chunk; the 16-bit forward 32
+    columns, the 16-bit reverse 64 samples), which the small batches of the other tests never
+    reach. 70 samples: a partial tile; 9 capsules at K = 8: a partial last chunk of either width."""
+    u, weight, bias, grad = make_inputs((70, 9, 3, 7, 8), dtype, kernel_device, bias=True)
+    if family == "tc":
+        cfg = routing_tc._Config(u, weight, "tf32x3" if dtype == torch.float32 else "ieee")
+        half = dtype == torch.float16
+        assert (cfg.fwd.block_b, cfg.fwd.constants["CHUNK"]) == (128, 4 if half else 2)
+        assert (cfg.rev.block_b, cfg.rev.constants["CHUNK"]) == (64 if half else 128, 2)
     outs, refs = fused_and_reference(u, weight, bias, grad, 3)
     for name, out, ref in zip(("v", "du", "dW", "dbias"), outs, refs):
         assert out.dtype == dtype
