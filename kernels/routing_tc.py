@@ -676,7 +676,9 @@ class _Config:
         # MNIST shape, bf16 (Triton 3.9): 48.7 warp instructions per (b, i) and 96 spilled bytes
         # with the default tiling (64 samples on 8 warps: both warpgroups compute the same P and
         # Q), 51.2 and 16 B with 128 samples on 8 warps, 47.2 and 24 B with this one (Triton
-        # 3.6: 47.0 / 48 B -> 46.5 / 16 B; fp16 48.2 / 96 B -> 47.0 / 16 B).
+        # 3.6: 47.0 / 48 B -> 46.5 / 16 B; fp16 48.2 / 96 B -> 47.0 / 16 B), since u is loaded
+        # in memory order 46.6 and 8 B (3.6: 45.9 and 0). At 32 columns it would issue 25-27 but
+        # spill 328-464 B.
         self.rev = tiling(batch > 16 if half else wide and u.dtype == torch.float32, "",
                           wide_samples=64 if half else None)
         # final pass. Its dW dots are [columns, BLOCK_B] x [BLOCK_B, D], too small for 8 warps:
