@@ -314,8 +314,9 @@ def _tc_forward_kernel(
             elif FIRST:
                 tl.store(v_sums_ptr + state + j * D + offs, v, mask=mask)
             else:
-                # V^(r) addressed from V^(r+1)'s row: the pointers of the loop's V^(r) loads
-                # (hoisted before it) would be reused, and held as 64-bit values across the loop
+                # V^(r) addressed from V^(r+1)'s row, not as in the loop's (hoisted) V^(r) loads,
+                # whose pointers would then stay live across the loop (bf16, 32 columns, Triton
+                # 3.6: 16 -> 8 spilled bytes; 3.9 unchanged)
                 v_sum_next = v_sums_ptr + r * state_size + state + j * D + offs
                 v_sum = tl.load(v_sum_next - state_size, mask=mask, other=0.0)
                 tl.store(v_sum_next, v_sum + v, mask=mask)
@@ -673,14 +674,11 @@ class _Config:
         # invariants reloaded per chunk; Triton 3.6: 8 B). fp32 at 32 columns spills 328 B (tf32).
         self.fwd = tiling(wide, "fwd_", wide_columns=32 if half else 16)
         # The 16-bit reverse pass: 64 samples on one warpgroup and 16 columns per chunk. sm_90,
-        # MNIST shape, bf16 (Triton 3.9): 48.7 warp instructions per (b, i) and 96 spilled bytes
-        # with the default tiling (64 samples on 8 warps: both warpgroups compute the same P and
-        # Q), 51.2 and 16 B with 128 samples on 8 warps, 47.2 and 24 B with this one (Triton
-        # 3.6: 47.0 / 48 B -> 46.5 / 16 B; fp16 48.2 / 96 B -> 47.0 / 16 B), since u is loaded
-        # in memory order 46.6 and 8 B (3.6: 45.9 and 0). At 32 columns it would issue 25-27 but
-        # spill 328-464 B.
-        self.rev = tiling(batch > 16 if half else wide and u.dtype == torch.float32, "",
-                          wide_samples=64 if half else None)
+        # MNIST shape, bf16, Triton 3.9 | 3.6: 46.6 | 45.9 warp instructions per (b, i) and
+        # 8 | 0 spilled bytes; the default tiling (64 samples on 8 warps, where both warpgroups
+        # compute the same P and Q) issued 48.7 and spilled 96 B, 128 samples on 8 warps 51.2
+        # and 16 B (before u was loaded in memory order), 32 columns 25-27 but 328-464 B.
+        self.rev = tiling(batch > 16 if half else wide, "", wide_samples=64 if half else None)
         # final pass. Its dW dots are [columns, BLOCK_B] x [BLOCK_B, D], too small for 8 warps:
         # more warps only replicate them (and their registers)
         self.grad_num_warps = tuned("tc_grad_num_warps", min(num_warps, 4))
