@@ -118,6 +118,14 @@ def _to_kmajor(x, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, KA: tl.constexpr, 
 # registers.
 
 @triton.jit
+def _w_strides(J: tl.constexpr, D: tl.constexpr, K: tl.constexpr):
+    """The strides (i, j, d, k) of W, which the launchers make contiguous: compile-time constants,
+    so that the offset of each W_j is an immediate of the load, not a register per j held across
+    the loop over chunks (the 16-bit forward spilled six of them)."""
+    return J * D * K, D * K, K, 1
+
+
+@triton.jit
 def _w_offsets(c, k, stride_wi, stride_wd, stride_wk, DP: tl.constexpr):
     """Offsets of a [DP, columns] tile of W_j: element (d, (c, k)) at d * s_d + c * s_i + k * s_k."""
     d = tl.arange(0, DP)
@@ -242,7 +250,7 @@ def _load_strided_tiles(ptr, row0, mask, stride_b, stride_j, stride_d, J: tl.con
 def _tc_forward_kernel(
     u_ptr, w_ptr, bias_ptr, prior_ptr, v_ptr, s_all_ptr, v_sums_ptr, partial_ptr, counter_ptr,
     B, I, state_size, r, chunks_per_split, n_splits,
-    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk, stride_bj, stride_bd,
+    stride_ub, stride_ui, stride_uk, stride_bj, stride_bd,
     stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
@@ -258,6 +266,7 @@ def _tc_forward_kernel(
     state = row0 * (J * D)
     row_ok = tl.arange(0, BLOCK_B) < B - row0
     OP: tl.constexpr = u_ptr.dtype.element_ty
+    stride_wi, stride_wj, stride_wd, stride_wk = _w_strides(J, D, K)
     c1, k1 = _columns(CHUNK, KA, KB, False)
     c2, k2 = _columns(CHUNK, KA, KB, KMAJOR)
     u_offs, cu, ku = _u_offsets(BLOCK_B, CHUNK, KA, KB, stride_ub, stride_ui, stride_uk)
@@ -346,7 +355,7 @@ def _tc_squash_backward_kernel(s_all_ptr, grad_v_ptr, ds_ptr, B, state_size, r, 
 def _tc_reverse_kernel(
     u_ptr, w_ptr, prior_ptr, s_all_ptr, v_sums_ptr, dv_ptr, ds_ptr, partial_ptr, counter_ptr,
     B, I, state_size, r, pass_index, chunks_per_split, n_splits,
-    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk, stride_pi, stride_pj,
+    stride_ub, stride_ui, stride_uk, stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
     TOP: tl.constexpr, HAS_PRIOR: tl.constexpr, LEAKY: tl.constexpr, STAGES: tl.constexpr,
@@ -363,6 +372,7 @@ def _tc_reverse_kernel(
     state = row0 * (J * D)
     row_ok = tl.arange(0, BLOCK_B) < B - row0
     OP: tl.constexpr = u_ptr.dtype.element_ty
+    stride_wi, stride_wj, stride_wd, stride_wk = _w_strides(J, D, K)
     c1, k1 = _columns(CHUNK, KA, KB, False)
     c2, k2 = _columns(CHUNK, KA, KB, KMAJOR)
     u_offs, cu, ku = _u_offsets(BLOCK_B, CHUNK, KA, KB, stride_ub, stride_ui, stride_uk)
@@ -420,7 +430,7 @@ def _tc_reverse_kernel(
 def _tc_input_grad_kernel(
     u_ptr, w_ptr, prior_ptr, v_sums_ptr, ds_ptr, du_ptr, dw_ptr, dprior_ptr,
     B, I, state_size, w_numel, tiles_per_prog,
-    stride_ub, stride_ui, stride_uk, stride_wi, stride_wj, stride_wd, stride_wk, stride_pi, stride_pj,
+    stride_ub, stride_ui, stride_uk, stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
     R: tl.constexpr, FIRST_TERM: tl.constexpr, HAS_PRIOR: tl.constexpr, PRIOR_GRAD: tl.constexpr,
@@ -436,6 +446,7 @@ def _tc_input_grad_kernel(
     pid_g = tl.program_id(1)
     state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
     OP: tl.constexpr = u_ptr.dtype.element_ty
+    stride_wi, stride_wj, stride_wd, stride_wk = _w_strides(J, D, K)
     FULL: tl.constexpr = FIRST_TERM == 0
     c1, k1 = _columns(CHUNK, KA, KB, False)
     u_offs, cu, ku = _u_offsets(BLOCK_B, CHUNK, KA, KB, stride_ub, stride_ui, stride_uk)
@@ -669,13 +680,14 @@ class _Config:
         half = u.dtype in (torch.float16, torch.bfloat16)
         # The 16-bit forward pass: 32 columns per chunk (4 capsules of 8), where each thread holds
         # all of a capsule's k (see _columns) and the sums over k need no shuffles; its operands
-        # take half the registers of fp32 ones. sm_90, MNIST shape, bf16, Triton 3.9: 30.7 -> 17.5
-        # warp instructions per (b, i) against 16 columns, at 32 spilled bytes (six loop
-        # invariants reloaded per chunk; Triton 3.6: 8 B). fp32 at 32 columns spills 328 B (tf32).
+        # take half the registers of fp32 ones. sm_90, MNIST shape, bf16, Triton 3.9 | 3.6: 30.7 ->
+        # 16.8 | 15.0 warp instructions per (b, i) against 16 columns, at 88 | 8 spilled bytes
+        # (loop-invariant offsets, products of a runtime stride, stored before the loop and
+        # reloaded per chunk). fp32 at 32 columns spills 328 B (tf32).
         self.fwd = tiling(wide, "fwd_", wide_columns=32 if half else 16)
         # The 16-bit reverse pass: 64 samples on one warpgroup and 16 columns per chunk. sm_90,
-        # MNIST shape, bf16, Triton 3.9 | 3.6: 46.6 | 45.9 warp instructions per (b, i) and
-        # 8 | 0 spilled bytes; the default tiling (64 samples on 8 warps, where both warpgroups
+        # MNIST shape, bf16, Triton 3.9 | 3.6: 43.0 | 43.1 warp instructions per (b, i) and no
+        # spills; the default tiling (64 samples on 8 warps, where both warpgroups
         # compute the same P and Q) issued 48.7 and spilled 96 B, 128 samples on 8 warps 51.2
         # and 16 B (before u was loaded in memory order), 32 columns 25-27 but 328-464 B.
         self.rev = tiling(batch > 16 if half else wide, "", wide_samples=64 if half else None)
@@ -683,7 +695,11 @@ class _Config:
         # more warps only replicate them (and their registers)
         self.grad_num_warps = tuned("tc_grad_num_warps", min(num_warps, 4))
         # the final pass holds J dW tiles across its batch tiles: small batch tiles keep the J
-        # logit, coupling and gradient tiles beside them within the registers
+        # logit, coupling and gradient tiles beside them within the registers. (64 samples on one
+        # warpgroup, where P and Q become 64-row wgmma dots, issue half the instructions, but
+        # spill. sm_90, MNIST shape, Triton 3.9, with the r loop unpipelined (pipelined, it took
+        # 324 KB of shared memory) and the logits' sweep over j apart from dc's: bf16 150 per
+        # (b, i) and 224 B (u reloaded per sweep), tf32 300 and 1.2 KB, tf32x3 597 and 2 KB.)
         self.grad_block_b = tuned("tc_grad_block_b", 16)
         self.grad_constants = _constants(u, weight, input_precision, self.grad_block_b, chunk, stages)
         self.n_chunks = triton.cdiv(in_caps, chunk)
@@ -753,6 +769,7 @@ def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """Launch the R forward passes. Returns v [B, J, D] (input dtype), s_all [R, B, J, D] and
     v_sums [R-1, B, J, D] (V^(1) .. V^(R-1)), both in the state dtype."""
     batch, in_caps, _ = u.shape
+    weight = weight.contiguous()  # the kernels' W strides are constants (_w_strides)
     plan = _plan(u, weight, input_precision, iterations, leaky, bias is not None, prior is not None)
     cfg, device, state_dtype_ = plan.cfg, u.device, plan.state_dtype
     v = torch.empty(plan.state_shape, dtype=u.dtype, device=device)
@@ -763,7 +780,7 @@ def routing_forward(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     bias_arg = bias if bias is not None else s_all  # never read without HAS_BIAS
     bias_strides = bias.stride() if bias is not None else (0, 0)
     prior_arg, prior_strides = _prior_args(prior, s_all)
-    strides = (*u.stride(), *weight.stride(), *bias_strides, *prior_strides)
+    strides = (*u.stride(), *bias_strides, *prior_strides)
     for r, kwargs in enumerate(plan.forward_kwargs):
         _tc_forward_kernel[plan.forward_grid](
             u, weight, bias_arg, prior_arg, v, s_all, v_sums, partial, counter,
@@ -778,6 +795,7 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
     (any strides); dbias only with bias_grad, else None; dprior is None without a prior and zeros
     under detach_routing."""
     batch, in_caps, _ = u.shape
+    weight = weight.contiguous()  # the kernels' W strides are constants (_w_strides)
     plan = _plan(u, weight, input_precision, iterations, leaky, False, prior is not None, detach_routing)
     cfg, device, state_dtype_, state_size = plan.cfg, u.device, plan.state_dtype, plan.state_size
     ds = torch.empty((iterations - plan.first_term,) + plan.state_shape, dtype=state_dtype_, device=device)
@@ -791,7 +809,7 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
         dv = torch.empty((iterations - 1,) + plan.state_shape, dtype=state_dtype_, device=device)
         partial = torch.empty((cfg.rev.n_splits,) + plan.state_shape, dtype=state_dtype_, device=device)
         counter = torch.zeros(cfg.rev.n_tiles, dtype=torch.int32, device=device)
-        strides = (*u.stride(), *weight.stride(), *prior_strides)
+        strides = (*u.stride(), *prior_strides)
         for pass_index, r, kwargs in plan.reverse_passes:
             _tc_reverse_kernel[plan.reverse_grid](
                 u, weight, prior_arg, s_all, v_sums, dv, ds, partial, counter,
@@ -810,7 +828,7 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
     _tc_input_grad_kernel[plan.grad_grid](
         u, weight, prior_arg, v_sums, ds, grad_u, grad_w, grad_prior,
         batch, in_caps, state_size, weight.numel(), cfg.grad_tiles_per_prog,
-        *u.stride(), *weight.stride(), *prior_strides, **plan.grad_kwargs)
+        *u.stride(), *prior_strides, **plan.grad_kwargs)
     if cfg.grad_splits > 1:
         grad_w = grad_w.sum(dim=0).to(weight.dtype)  # a fixed order: deterministic
         if plan.prior_grad:
