@@ -2,9 +2,10 @@
 
 For one cubin (scripts/inspect_kernels.py --dump DIR writes one per kernel, compiled with
 -lineinfo as Triton always does), this prints:
-- per loop (a backward branch closes one): the registers live at its back edge, grouped by the
-  source line of their last definition, inside the loop (a loop-carried value: an accumulator)
-  or before it (a loop invariant: a hoisted address, a tile loaded once);
+- per loop (a backward branch closes one; the three longest by default): the registers live at
+  its back edge, grouped by the source line of their last definition, inside the loop (a
+  loop-carried value: an accumulator) or before it (a loop invariant: a hoisted address, a tile
+  loaded once);
 - the peak number of live registers per source line, with the spill instructions (LDL, STL)
   that line's code issues.
 
@@ -105,9 +106,10 @@ def is_spill(text: str) -> bool:
     return opcode.split(".")[0] in ("LDL", "STL")
 
 
-def report(cubin: str, top: int = 15, out=sys.stdout):
-    """Print both tables (top rows each) to `out`; return (instructions, loops, lines, peak live
-    registers by source line, spill instructions by source line)."""
+def report(cubin: str, top: int = 15, max_loops: int = 3, out=sys.stdout):
+    """Print both tables (top rows each; the max_loops longest loops) to `out`; return
+    (instructions, loops, lines, peak live registers by source line, spill instructions by
+    source line)."""
     instructions, loops, lines = analyse(cubin)
     sources = {}
 
@@ -120,7 +122,7 @@ def report(cubin: str, top: int = 15, out=sys.stdout):
         text = sources[path][number - 1].strip() if number <= len(sources[path]) else ""
         return f"{os.path.basename(path)}:{number}: {text[:100]}"
 
-    for head, back in loops:
+    for head, back in sorted(loops, key=lambda loop: loop[0] - loop[1])[:max_loops]:
         live = [reg for reg, mark in enumerate(instructions[back][2]) if mark in LIVE_MARKS]
         print(f"loop {instructions[head][0]:#x}..{instructions[back][0]:#x}: {len(live)} registers live at the "
               f"back edge, by the line of their last definition", file=out)
@@ -149,8 +151,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cubin", help="a cubin from scripts/inspect_kernels.py --dump")
     parser.add_argument("--top", type=int, default=15, help="rows per table")
+    parser.add_argument("--loops", type=int, default=3, help="the longest loops to show")
     args = parser.parse_args(argv)
-    report(args.cubin, args.top)
+    report(args.cubin, args.top, args.loops)
     return 0
 
 
