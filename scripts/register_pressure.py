@@ -6,6 +6,7 @@ For one cubin (scripts/inspect_kernels.py --dump DIR writes one per kernel, comp
   its back edge, grouped by the source line of their last definition, inside the loop (a
   loop-carried value: an accumulator) or before it (a loop invariant: a hoisted address, a tile
   loaded once);
+- the registers live where the most are, by the line of their last definition;
 - the peak number of live registers per source line, with the spill instructions (LDL, STL)
   that line's code issues.
 
@@ -136,6 +137,17 @@ def report(cubin: str, top: int = 15, max_loops: int = 3, out=sys.stdout):
             groups[(kind, lines.get(instructions[index][0]) if index is not None else None)] += 1
         for (kind, where), count in groups.most_common(top):
             print(f"  {count:4d}  {kind:7}  {source(where)}", file=out)
+    counts = [sum(mark in LIVE_MARKS for mark in marks) for _, _, marks in instructions]
+    top_index = max(range(len(instructions)), key=counts.__getitem__)
+    print(f"at the peak, {counts[top_index]} registers live at {instructions[top_index][0]:#x} "
+          f"({source(lines.get(instructions[top_index][0]))}), by the line of their last definition", file=out)
+    groups = collections.Counter()
+    for reg, mark in enumerate(instructions[top_index][2]):
+        if mark in LIVE_MARKS:
+            index = next((i for i in range(top_index, -1, -1) if instructions[i][2][reg] in DEF_MARKS), None)
+            groups[lines.get(instructions[index][0]) if index is not None else None] += 1
+    for where, count in groups.most_common(top):
+        print(f"  {count:4d}  {source(where)}", file=out)
     peak, spills = collections.defaultdict(int), collections.Counter()
     for address, text, marks in instructions:
         where = lines.get(address)
