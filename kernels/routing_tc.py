@@ -134,10 +134,13 @@ def _w_offsets(c, k, stride_wi, stride_wd, stride_wk, DP: tl.constexpr):
 
 @triton.jit
 def _load_w(w_ptr, chunk, j: tl.constexpr, offs, c, k, I, stride_wi, stride_wj,
-            K: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, CHUNK: tl.constexpr):
+            K: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, CHUNK: tl.constexpr, WHOLE: tl.constexpr):
     """W_j restricted to a chunk, [DP, columns]: element (d, (c, k)) = W[chunk * CHUNK + c, j, d, k],
-    zero outside the problem."""
+    zero outside the problem. WHOLE (_constants): every chunk lies inside W, and the load needs no
+    mask."""
     base = w_ptr + tl.cast(chunk, tl.int64) * (CHUNK * stride_wi) + j * stride_wj
+    if WHOLE:
+        return tl.load(base + offs)
     col_ok = (c < I - chunk * CHUNK) & (k < K)
     return tl.load(base + offs, mask=(tl.arange(0, DP) < D)[:, None] & col_ok[None, :], other=0.0)
 
@@ -170,10 +173,13 @@ def _load_u(u_ptr, row0, chunk, offs, row_ok, c, k, I, stride_ub, stride_ui, K: 
 
 
 @triton.jit
-def _load_prior(prior_ptr, chunk, j: tl.constexpr, I, stride_pi, stride_pj, CHUNK: tl.constexpr, ACC: tl.constexpr):
+def _load_prior(prior_ptr, chunk, j: tl.constexpr, I, stride_pi, stride_pj, CHUNK: tl.constexpr, ACC: tl.constexpr,
+                WHOLE: tl.constexpr):
     """[1, CHUNK] prior logits of output capsule j for the capsules of a chunk (0 outside)."""
     c = tl.arange(0, CHUNK)
     ptrs = prior_ptr + (tl.cast(chunk, tl.int64) * CHUNK + c) * stride_pi + j * stride_pj
+    if WHOLE:
+        return tl.load(ptrs).to(ACC)[None, :]
     return tl.load(ptrs, mask=c < I - chunk * CHUNK, other=0.0).to(ACC)[None, :]
 
 
@@ -254,8 +260,8 @@ def _tc_forward_kernel(
     stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
-    FIRST: tl.constexpr, LAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PRIOR: tl.constexpr, LEAKY: tl.constexpr,
-    STAGES: tl.constexpr,
+    WHOLE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PRIOR: tl.constexpr,
+    LEAKY: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Routing pass r for one batch tile (axis 0) and one slice of the chunks of capsules (axis 1)."""
     pid_b = tl.program_id(0)
@@ -281,7 +287,7 @@ def _tc_forward_kernel(
         u = _load_u(u_ptr, row0, chunk, u_offs, row_ok, cu, ku, I, stride_ub, stride_ui, K, CHUNK, KA, KB, BLOCK_B).to(ACC)
         if FIRST and not HAS_PRIOR:  # c = 1 / (J + leaky) for every capsule: applied once, after the loop
             for j in tl.static_range(J):
-                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE)
                 acc = _set(acc, j, _dot(u, tl.trans(w), acc[j], PREC, OP))
         else:
             # the J tiles of V^(r) are re-read (from L1) in every chunk rather than held: in
@@ -289,18 +295,18 @@ def _tc_forward_kernel(
             logits = ()
             for j in tl.static_range(J):
                 if FIRST:  # b^(0) = prior, the same for every sample: [1, CHUNK] tiles
-                    logits = logits + (_load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC),)
+                    logits = logits + (_load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC, WHOLE),)
                 else:
-                    w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+                    w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE)
                     v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
                     p = _dot(v_sum, w, tl.zeros((BLOCK_B, KA * CHUNK * KB), dtype=ACC), PREC, OP)
                     logit = _segment_sum(u * p, BLOCK_B, CHUNK, KA, KB)
                     if HAS_PRIOR:
-                        logit += _load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC)
+                        logit += _load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC, WHOLE)
                     logits = logits + (logit,)
             c = _softmax(logits, J, LEAKY)
             for j in tl.static_range(J):
-                w = _load_w(w_ptr, chunk, j, w2_offs, c2, k2, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+                w = _load_w(w_ptr, chunk, j, w2_offs, c2, k2, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE)
                 x = _spread(c[j], BLOCK_B, CHUNK, KA, KB) * u
                 if KMAJOR:
                     x = _to_kmajor(x, BLOCK_B, CHUNK, KA, KB)
@@ -358,7 +364,7 @@ def _tc_reverse_kernel(
     stride_ub, stride_ui, stride_uk, stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
-    TOP: tl.constexpr, HAS_PRIOR: tl.constexpr, LEAKY: tl.constexpr, STAGES: tl.constexpr,
+    WHOLE: tl.constexpr, TOP: tl.constexpr, HAS_PRIOR: tl.constexpr, LEAKY: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Reverse pass r (R-1 >= r >= 1): dV^(r) = sum_i da^(r)_bij u_hat_bij for one batch tile and
     one slice of chunks, from ds^(r) (ds buffer row r, written before this pass). The last program
@@ -390,7 +396,7 @@ def _tc_reverse_kernel(
         logits = ()
         dc = ()
         for j in tl.static_range(J):  # V and ds tiles re-read per chunk (L1), as in the forward
-            w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+            w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE)
             v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
             ds_mask = mask
             if BLOCK_B >= 128:
@@ -402,12 +408,12 @@ def _tc_reverse_kernel(
             ds = tl.load(ds_r_ptr + j * D + offs, mask=ds_mask, other=0.0)
             logit = _segment_sum(u * _dot(v_sum, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB)
             if HAS_PRIOR:
-                logit += _load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC)
+                logit += _load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC, WHOLE)
             logits = logits + (logit,)
             dc = dc + (_segment_sum(u * _dot(ds, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB),)
         da = _softmax_backward(_softmax(logits, J, LEAKY), dc, J)
         for j in tl.static_range(J):
-            w = _load_w(w_ptr, chunk, j, w2_offs, c2, k2, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+            w = _load_w(w_ptr, chunk, j, w2_offs, c2, k2, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE)
             y = _spread(da[j], BLOCK_B, CHUNK, KA, KB) * u
             if KMAJOR:
                 y = _to_kmajor(y, BLOCK_B, CHUNK, KA, KB)
@@ -433,7 +439,7 @@ def _tc_input_grad_kernel(
     stride_ub, stride_ui, stride_uk, stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
-    R: tl.constexpr, FIRST_TERM: tl.constexpr, HAS_PRIOR: tl.constexpr, PRIOR_GRAD: tl.constexpr,
+    WHOLE: tl.constexpr, R: tl.constexpr, FIRST_TERM: tl.constexpr, HAS_PRIOR: tl.constexpr, PRIOR_GRAD: tl.constexpr,
     LEAKY: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Final backward pass for one chunk of capsules (axis 0) and one run of batch tiles (axis 1):
@@ -476,13 +482,14 @@ def _tc_input_grad_kernel(
         if FIRST_TERM == 0 and HAS_PRIOR:  # r = 0: c^(0) = softmax(prior), nothing through V^(0) = 0
             prior_logits = ()
             for j in tl.static_range(J):
-                prior_logits = prior_logits + (_load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC),)
+                prior_logits = prior_logits + (
+                    _load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC, WHOLE),)
             # names of their own: c, dc, da of the r loop below have [BLOCK_B, CHUNK] tiles, and a
             # name bound before a loop would become a loop-carried value of another shape
             c0 = _softmax(prior_logits, J, LEAKY)
             dc0 = ()
             for j in tl.static_range(J):
-                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE)
                 ds0 = tl.load(ds_ptr + state + j * D + offs, mask=mask, other=0.0)
                 q0 = _dot(ds0, w, zero, PREC, OP)
                 c0_cols = _spread(c0[j], BLOCK_B, CHUNK, KA, KB)
@@ -499,7 +506,7 @@ def _tc_input_grad_kernel(
             u0 = u / (J + LEAKY)  # a division: exact in fp64 too, where a Python-float 1/J would not be
             q_sum = zero
             for j in tl.static_range(J):
-                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE)
                 ds0 = tl.load(ds_ptr + state + j * D + offs, mask=mask, other=0.0)
                 q_sum = _dot(ds0, w, q_sum, PREC, OP)
                 dw = _set(dw, j, _dot(tl.trans(ds0), u0, dw[j], PREC, OP))
@@ -528,14 +535,14 @@ def _tc_input_grad_kernel(
             logits = ()
             dc = ()
             for j in tl.static_range(J):
-                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK)
+                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE)
                 v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
                 ds = tl.load(ds_r_ptr + j * D + offs, mask=mask, other=0.0)
                 p = _dot(v_sum, w, zero, PREC, OP)
                 q = _dot(ds, w, zero, PREC, OP)
                 logit = _segment_sum(u * p, BLOCK_B, CHUNK, KA, KB)
                 if HAS_PRIOR:
-                    logit += _load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC)
+                    logit += _load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC, WHOLE)
                 logits = logits + (logit,)
                 new_top = tl.maximum(top, logit)
                 rescale = tl.exp(top - new_top)
@@ -604,7 +611,7 @@ GRAD_MIN_TILES = 8
 def _constants(u: torch.Tensor, weight: torch.Tensor, input_precision: str, block_b: int, chunk: int,
                stages: int) -> dict:
     """The compile-time constants of a kernel over tiles of block_b samples and chunks of chunk capsules."""
-    _, out_caps, out_dim, in_dim = weight.shape
+    in_caps, out_caps, out_dim, in_dim = weight.shape
     kp = triton.next_power_of_2(in_dim)
     if chunk * kp < 16:
         raise ValueError(f"chunk * next_pow2(K) must be >= 16 (a dot's minimum), got {chunk} * {kp}")
@@ -620,7 +627,14 @@ def _constants(u: torch.Tensor, weight: torch.Tensor, input_precision: str, bloc
         ACC=tl.float64 if u.dtype == torch.float64 else tl.float32, STAGES=stages,
         # the k-major order of the second dot's operands renames registers for tf32 dots
         # (kWidth 1); fp16/bf16 operands (kWidth 2) already match the accumulator layout
-        KMAJOR=not half and u.dtype != torch.float64)
+        KMAJOR=not half and u.dtype != torch.float64,
+        # every chunk lies inside W (I a multiple of chunk, K a power of two, D = DP): the W and
+        # prior loads need no mask. Masked, the W_j loads are predicated branches between the J
+        # first dots, around which ptxas holds their results (sm_90, MNIST shape, Triton 3.9,
+        # bf16 forward: 255 -> 173 registers, 80 -> 0 spilled bytes, 16.8 -> 15.9 warp
+        # instructions per (b, i)). u keeps its column mask, under the row mask anyway: dropped
+        # too, the tf32x3 reverse spilled 40 B instead of 24.
+        WHOLE=in_caps % chunk == 0 and kp == in_dim and dp == out_dim)
 
 
 class _Tiling:
@@ -644,7 +658,7 @@ class _Config:
     forward passes, the reverse passes and the final pass have tilings of their own: the fwd_*
     keys override the forward's alone, the other keys all three."""
 
-    def __init__(self, u: torch.Tensor, weight: torch.Tensor, input_precision: str):
+    def __init__(self, u: torch.Tensor, weight: torch.Tensor, input_precision: str, has_prior: bool = False):
         batch, in_caps, in_dim = u.shape
         kp = triton.next_power_of_2(in_dim)
         # 32 columns per chunk (4 capsules of 8): the shared memory of the W tiles and the
@@ -678,13 +692,16 @@ class _Config:
                            tuned(prefix + "tc_stages", tuned("tc_stages", 1) if wide else stages), warps)
 
         half = u.dtype in (torch.float16, torch.bfloat16)
-        # The 16-bit forward pass: 32 columns per chunk (4 capsules of 8), where each thread holds
-        # all of a capsule's k (see _columns) and the sums over k need no shuffles; its operands
-        # take half the registers of fp32 ones. sm_90, MNIST shape, bf16, Triton 3.9 | 3.6: 30.7 ->
-        # 16.8 | 15.0 warp instructions per (b, i) against 16 columns, at 88 | 8 spilled bytes
-        # (loop-invariant offsets, products of a runtime stride, stored before the loop and
-        # reloaded per chunk). fp32 at 32 columns spills 328 B (tf32).
-        self.fwd = tiling(wide, "fwd_", wide_columns=32 if half else 16)
+        # The 16-bit and tf32 forward passes: 32 columns per chunk (4 capsules of 8), where each
+        # thread holds all of a capsule's k (see _columns) and the sums over k need no shuffles.
+        # sm_90, MNIST shape, Triton 3.9 | 3.6, warp instructions per (b, i) against 16 columns:
+        # bf16 30.7 -> 15.9 | 14.8 (8 spilled bytes on 3.6), tf32 40.9 | 41.1 -> 25.5 | 24.0 with
+        # no spills, both with unmasked W loads (WHOLE in _constants; masked, tf32 spilled 328 B).
+        # tf32x3, whose split operands take twice the registers, spills 488 B at 32 columns, and
+        # tf32 with a prior 24 B (Triton 3.9).
+        tf32 = u.dtype == torch.float32 and input_precision == "tf32" and not has_prior
+        wide_forward_columns = 32 if half or tf32 else 16
+        self.fwd = tiling(wide, "fwd_", wide_columns=wide_forward_columns)
         # The 16-bit reverse pass: 64 samples on one warpgroup and 16 columns per chunk. sm_90,
         # MNIST shape, bf16, Triton 3.9 | 3.6: 43.0 | 43.1 warp instructions per (b, i) and no
         # spills; the default tiling (64 samples on 8 warps, where both warpgroups
@@ -726,7 +743,7 @@ class _Plan:
                  has_bias: bool, has_prior: bool, detach_routing: bool):
         batch, in_caps, _ = u.shape
         _, out_caps, out_dim, _ = weight.shape
-        cfg = self.cfg = _Config(u, weight, input_precision)
+        cfg = self.cfg = _Config(u, weight, input_precision, has_prior)
         self.state_dtype = state_dtype(u.dtype)
         self.state_size = batch * out_caps * out_dim
         self.state_shape = (batch, out_caps, out_dim)

@@ -116,22 +116,28 @@ def test_half_precision(dtype, kernel_device, family):
         assert rel_err(out, ref) < TOL[dtype], name
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_wide_batch_tilings(dtype, kernel_device, family):
+# (dtype, input_precision, tolerance): tf32 rounds the operands to 10 mantissa bits (see
+# test_precisions_against_float64)
+TILING_PRECISIONS = [(torch.float32, "tf32x3", TOL[torch.float32]), (torch.float32, "tf32", 2e-3),
+                     (torch.float16, "ieee", TOL[torch.float16])]
+
+
+@pytest.mark.parametrize("dtype, precision, tol", TILING_PRECISIONS, ids=["tf32x3", "tf32", "fp16"])
+def test_wide_batch_tilings(dtype, precision, tol, kernel_device, family):
     """Batches of more than 64 samples, where the tc forward and reverse passes take their wide
-    tilings (routing_tc._Config: 128 samples, 16 columns per chunk; the 16-bit forward 32
-    columns, the 16-bit reverse 64 samples), which the small batches of the other tests never
+    tilings (routing_tc._Config: 128 samples, 16 columns per chunk; the 16-bit and tf32 forward
+    32 columns, the 16-bit reverse 64 samples), which the small batches of the other tests never
     reach. 70 samples: a partial tile; 9 capsules at K = 8: a partial last chunk of either width."""
     u, weight, bias, grad = make_inputs((70, 9, 3, 7, 8), dtype, kernel_device, bias=True)
     if family == "tc":
-        cfg = routing_tc._Config(u, weight, "tf32x3" if dtype == torch.float32 else "ieee")
-        half = dtype == torch.float16
-        assert (cfg.fwd.block_b, cfg.fwd.constants["CHUNK"]) == (128, 4 if half else 2)
-        assert (cfg.rev.block_b, cfg.rev.constants["CHUNK"]) == (64 if half else 128, 2)
-    outs, refs = fused_and_reference(u, weight, bias, grad, 3)
+        cfg = routing_tc._Config(u, weight, precision)
+        assert (cfg.fwd.block_b, cfg.fwd.constants["CHUNK"]) == (128, 2 if precision == "tf32x3" else 4)
+        assert (cfg.rev.block_b, cfg.rev.constants["CHUNK"]) == (64 if dtype == torch.float16 else 128, 2)
+        assert not (cfg.fwd.constants["WHOLE"] or cfg.rev.constants["WHOLE"] or cfg.grad_constants["WHOLE"])
+    outs, refs = fused_and_reference(u, weight, bias, grad, 3, input_precision=precision)
     for name, out, ref in zip(("v", "du", "dW", "dbias"), outs, refs):
         assert out.dtype == dtype
-        assert rel_err(out, ref) < TOL[dtype], name
+        assert rel_err(out, ref) < tol, name
 
 
 def test_precisions_against_float64(kernel_device, family):
@@ -508,6 +514,31 @@ def test_prior_options_fp64(options, iterations, kernel_device, family):
         outs, refs = outs[:-1], refs[:-1]
     for name, out, ref in zip(("v", "du", "dW", "dbias", "dprior"), outs, refs):
         assert rel_err(out, ref) < TOL[torch.float64], name
+
+
+@pytest.mark.parametrize("batch", [5, 70], ids=["narrow", "wide"])
+@pytest.mark.parametrize("dtype, precision, tol", TILING_PRECISIONS, ids=["tf32x3", "tf32", "fp16"])
+@pytest.mark.parametrize("with_prior", [False, True], ids=["", "prior"])
+def test_whole_chunks(with_prior, dtype, precision, tol, batch, kernel_device):
+    """I a multiple of every chunk width, K a power of two and D = 16, as at the MNIST shape: the
+    tc kernels load W and the prior without masks (routing_tc._constants: WHOLE), a path that the
+    odd shapes of the other tests never take. 16 capsules of K = 4: chunks of 8 and, in the wide
+    tilings of 70 samples, 4 capsules (8 in the tf32 and 16-bit forward without a prior)."""
+    u, weight, bias, grad = make_inputs((batch, 16, 3, 16, 4), dtype, kernel_device, bias=True)
+    prior = make_prior(16, 3, dtype, kernel_device) if with_prior else None
+    cfg = routing_tc._Config(u, weight, precision, with_prior)
+    assert cfg.fwd.constants["WHOLE"] and cfg.rev.constants["WHOLE"] and cfg.grad_constants["WHOLE"]
+    if batch > 64:
+        wide_forward = dtype == torch.float16 or (precision == "tf32" and not with_prior)
+        assert cfg.fwd.constants["CHUNK"] == (8 if wide_forward else 4)
+    with kernels.tuning(kernels="tc"):  # the fma kernels have no such specialisation
+        if with_prior:
+            outs, refs = fused_and_reference_with_prior(u, weight, bias, prior, grad, 3, input_precision=precision)
+        else:
+            outs, refs = fused_and_reference(u, weight, bias, grad, 3, input_precision=precision)
+    for name, out, ref in zip(("v", "du", "dW", "dbias", "dprior"), outs, refs):
+        assert out.dtype == dtype
+        assert rel_err(out, ref) < tol, name
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
