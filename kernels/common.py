@@ -140,9 +140,15 @@ def _multiprocessors(index: int) -> int:
 @triton.jit
 def round_tf32(x):
     """Round fp32 to the 10-bit mantissa of tf32, ties away from zero (like cvt.rna.tf32.f32)."""
+    return tl.where(x == x, round_tf32_finite(x), x)  # NaN (the GPU's 0x7FFFFFFF would give -0.0) stays NaN
+
+
+@triton.jit
+def round_tf32_finite(x):
+    """round_tf32 where x is not NaN (a NaN may come out as any value): one integer add and one
+    mask (sm_90 SASS: IADD3 and LOP3; the NaN guard adds an FSETP)."""
     bits = x.to(tl.uint32, bitcast=True)
-    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return tl.where(x == x, rounded, x)  # keep NaN payloads NaN
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -45,7 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MAX_SPLITS, arrive, bias_grad_of, problem_plan, program_target, round_tf32, squash,
+from .common import (MAX_SPLITS, arrive, bias_grad_of, problem_plan, program_target, round_tf32, round_tf32_finite,
+                     squash,
                      squash_backward, state_dtype, sum_partials, tuned)
 
 __all__ = ["routing_forward", "routing_backward", "PRECISIONS"]
@@ -63,10 +64,12 @@ def _dot(a, b, acc, PREC: tl.constexpr, OP: tl.constexpr):
     if PREC == 1:
         return tl.dot(round_tf32(a), round_tf32(b), acc, input_precision="tf32", out_dtype=acc.dtype)
     elif PREC == 2:
+        # a - a_hi is NaN only where a_hi is NaN or infinite, and the a_hi product then makes the
+        # result NaN or infinite whatever the low part's rounding gives: it needs no NaN guard
         a_hi = round_tf32(a)
         b_hi = round_tf32(b)
-        acc = tl.dot(round_tf32(a - a_hi), b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
-        acc = tl.dot(a_hi, round_tf32(b - b_hi), acc, input_precision="tf32", out_dtype=acc.dtype)
+        acc = tl.dot(round_tf32_finite(a - a_hi), b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
+        acc = tl.dot(a_hi, round_tf32_finite(b - b_hi), acc, input_precision="tf32", out_dtype=acc.dtype)
         return tl.dot(a_hi, b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
     elif PREC == 3:
         return tl.dot(a.to(OP), b.to(OP), acc, out_dtype=acc.dtype)

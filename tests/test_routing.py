@@ -11,9 +11,12 @@ import textwrap
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastcaps
 from fastcaps import reference
+from fastcaps.kernels import common
 from fastcaps.kernels import routing as kernels
 from fastcaps.kernels import routing_tc
 
@@ -159,6 +162,33 @@ def test_precisions_against_float64(kernel_device, family):
         assert 1e-5 < tf32 < 2e-3  # operands rounded to 10 mantissa bits
     if family == "fma":
         assert all(torch.equal(a, b) for a, b in zip(outputs["ieee"], outputs["tf32x3"]))
+
+
+@triton.jit
+def _round_tf32_kernel(x_ptr, guarded_ptr, finite_ptr, N: tl.constexpr):
+    x = tl.load(x_ptr + tl.arange(0, N))
+    tl.store(guarded_ptr + tl.arange(0, N), common.round_tf32(x))
+    tl.store(finite_ptr + tl.arange(0, N), common.round_tf32_finite(x))
+
+
+def test_tf32_rounding(kernel_device):
+    """round_tf32 rounds to nearest tf32, ties away from zero (cvt.rna.tf32.f32), and keeps every
+    NaN NaN, the GPU's 0x7FFFFFFF too, which the unguarded round_tf32_finite (used only on the low
+    parts of tf32x3, see routing_tc._dot) turns into -0.0."""
+    bits = torch.tensor([0x3F800000, 0x3F800FFF, 0x3F801000, 0xBF801000, 0x3F802000, 0x00000001, 0x7F7FFFFF,
+                         0x7F800000, 0x7FC00000, 0x7FFFFFFF, 0x7F800001, 0x3F7FF000, 0x80000000, 0xFF800000,
+                         0x40490FDB, 0xC0490FDB], dtype=torch.int64)  # 16: arange needs a power of two
+    x = bits.to(torch.int32).view(torch.float32).to(kernel_device)
+    guarded, finite = torch.empty_like(x), torch.empty_like(x)
+    _round_tf32_kernel[(1,)](x, guarded, finite, N=x.numel())
+    expected = ((bits + 0x1000) & 0xFFFFE000).to(torch.int32).view(torch.float32)  # as int64: no overflow
+    not_nan = ~torch.isnan(x.cpu())
+    assert torch.equal(guarded.cpu()[not_nan], expected[not_nan])
+    assert torch.equal(finite.cpu()[not_nan], expected[not_nan])
+    assert torch.isnan(guarded.cpu()[~not_nan]).all()
+    assert expected.tolist()[:7] == [1.0, 1.0, 1 + 2 ** -10, -(1 + 2 ** -10), 1 + 2 ** -10, 0.0, float("inf")]
+    assert expected.tolist()[11:14] == [1.0, -0.0, float("-inf")]
+    assert finite.cpu()[9].item() == 0.0 and torch.signbit(finite.cpu()[9])  # the case the guard exists for
 
 
 @pytest.mark.parametrize("matmul_precision, input_precision",
