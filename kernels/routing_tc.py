@@ -36,7 +36,11 @@ a_lo b_hi: three tf32 products with fp32 accumulation, about fp32's accuracy. Th
 rounded explicitly, so a tf32 product of them is exact and Triton's interpreter (which ignores
 input_precision and multiplies in fp32) computes what the GPU computes. fp16/bf16 inputs use
 their own tensor-core products (V, ds and c u rounded to the input dtype) with fp32
-accumulation; fp64 inputs use fp64 dots.
+accumulation; fp64 inputs use fp64 dots. ds, an A operand that the reverse and final passes
+re-read per chunk or r, is rounded once where it is formed: its tf32 parts go to a split copy
+beside it (one plane for tf32, two for tf32x3, transient within the backward), bit for bit what
+rounding it per read gives (sm_90, MNIST shape, tf32x3 reverse 102.6 -> 89.1 warp instructions per
+(b, i), final pass 722.5 -> 578.4).
 
 Reductions over i (forward and reverse passes) end as in the fma family: partials per split,
 summed in split order by the last program of the batch tile to arrive (an integer semaphore).
@@ -54,6 +58,9 @@ __all__ = ["routing_forward", "routing_backward", "PRECISIONS"]
 # input_precision -> the PREC constant of the kernels; half inputs always use HALF
 PRECISIONS = {"ieee": 0, "tf32": 1, "tf32x3": 2}
 _HALF = 3
+# PREC -> the planes of ds's split copy (_store_split): round_tf32(ds) for tf32 dots, and the
+# rounded low part for tf32x3; the other precisions' dots take ds as it is
+_SPLIT_PLANES = {1: 1, 2: 2}
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -64,17 +71,61 @@ def _dot(a, b, acc, PREC: tl.constexpr, OP: tl.constexpr):
     if PREC == 1:
         return tl.dot(round_tf32(a), round_tf32(b), acc, input_precision="tf32", out_dtype=acc.dtype)
     elif PREC == 2:
+        a_hi = round_tf32(a)
         # a - a_hi is NaN only where a_hi is NaN or infinite, and the a_hi product then makes the
         # result NaN or infinite whatever the low part's rounding gives: it needs no NaN guard
-        a_hi = round_tf32(a)
-        b_hi = round_tf32(b)
-        acc = tl.dot(round_tf32_finite(a - a_hi), b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
-        acc = tl.dot(a_hi, round_tf32_finite(b - b_hi), acc, input_precision="tf32", out_dtype=acc.dtype)
-        return tl.dot(a_hi, b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
-    elif PREC == 3:
+        return _dot_split(a_hi, round_tf32_finite(a - a_hi), b, acc, PREC, OP)
+    else:
+        return _dot_unrounded(a, b, acc, PREC, OP)
+
+
+@triton.jit
+def _dot_unrounded(a, b, acc, PREC: tl.constexpr, OP: tl.constexpr):
+    """_dot at the precisions that round no operand themselves: fp16/bf16 and exact products."""
+    if PREC == 3:
         return tl.dot(a.to(OP), b.to(OP), acc, out_dtype=acc.dtype)
     else:
         return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
+
+
+@triton.jit
+def _dot_split(a_hi, a_lo, b, acc, PREC: tl.constexpr, OP: tl.constexpr):
+    """_dot with the A operand already split (PREC 1: a_hi = round_tf32(a), a_lo unused; PREC 2:
+    a_lo = the rounded low part too; else a_hi = a): as _dot(a, b, acc) to the bit."""
+    if PREC == 1:
+        return tl.dot(a_hi, round_tf32(b), acc, input_precision="tf32", out_dtype=acc.dtype)
+    elif PREC == 2:
+        b_hi = round_tf32(b)
+        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
+        acc = tl.dot(a_hi, round_tf32_finite(b - b_hi), acc, input_precision="tf32", out_dtype=acc.dtype)
+        return tl.dot(a_hi, b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
+    else:
+        return _dot_unrounded(a_hi, b, acc, PREC, OP)
+
+
+@triton.jit
+def _store_split(split_ptr, plane, offs, x, mask, PREC: tl.constexpr):
+    """x's tf32 parts, as _dot would form them, into the planes of split_ptr (plane elements apart)."""
+    if PREC == 1 or PREC == 2:
+        hi = round_tf32(x)
+        tl.store(split_ptr + offs, hi, mask=mask)
+        if PREC == 2:
+            tl.store(split_ptr + plane + offs, round_tf32_finite(x - hi), mask=mask)
+
+
+@triton.jit
+def _load_split(ptr, split_ptr, plane, offs, mask, PREC: tl.constexpr):
+    """(a_hi, a_lo) of _dot_split for a tile at ptr + offs: from its split copy (_store_split) where
+    PREC has one, else the tile itself twice."""
+    if PREC == 2:
+        return (tl.load(split_ptr + offs, mask=mask, other=0.0),
+                tl.load(split_ptr + plane + offs, mask=mask, other=0.0))
+    elif PREC == 1:
+        hi = tl.load(split_ptr + offs, mask=mask, other=0.0)
+        return hi, hi
+    else:
+        x = tl.load(ptr + offs, mask=mask, other=0.0)
+        return x, x
 
 
 @triton.jit
@@ -343,12 +394,12 @@ def _tc_forward_kernel(
 # ----------------------------------------------------------------------------- backward
 
 @triton.jit
-def _tc_squash_backward_kernel(s_all_ptr, grad_v_ptr, ds_ptr, B, state_size, r, ds_row,
+def _tc_squash_backward_kernel(s_all_ptr, grad_v_ptr, ds_ptr, ds_split_ptr, B, state_size, split_plane, r, ds_row,
                                stride_gb, stride_gj, stride_gd,
                                J: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_B: tl.constexpr,
-                               ACC: tl.constexpr):
-    """ds^(r) = squash_backward(s^(r), grad_v) into ds row ds_row, for r = R-1. grad_v may have any
-    strides (stride 0 from the gradient of a sum)."""
+                               ACC: tl.constexpr, PREC: tl.constexpr):
+    """ds^(r) = squash_backward(s^(r), grad_v) into ds row ds_row, and its split copy
+    (_store_split), for r = R-1. grad_v may have any strides (stride 0 from the gradient of a sum)."""
     state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
     row0 = tl.cast(tl.program_id(0), tl.int64) * BLOCK_B
     offs, mask = _state_tile(row0, B, BLOCK_B, J, D, DP)
@@ -356,14 +407,16 @@ def _tc_squash_backward_kernel(s_all_ptr, grad_v_ptr, ds_ptr, B, state_size, r, 
     dv = _load_strided_tiles(grad_v_ptr, row0, mask, stride_gb, stride_gj, stride_gd, J, BLOCK_B, DP)
     for j in tl.static_range(J):
         s = tl.load(s_all_ptr + r * state_size + state + j * D + offs, mask=mask, other=0.0)
-        tl.store(ds_ptr + ds_row * state_size + state + j * D + offs, squash_backward(s, dv[j].to(ACC), 1),
-                 mask=mask)
+        ds = squash_backward(s, dv[j].to(ACC), 1)
+        tile = ds_row * state_size + state + j * D
+        tl.store(ds_ptr + tile + offs, ds, mask=mask)
+        _store_split(ds_split_ptr + tile, split_plane, offs, ds, mask, PREC)
 
 
 @triton.jit
 def _tc_reverse_kernel(
-    u_ptr, w_ptr, prior_ptr, s_all_ptr, v_sums_ptr, dv_ptr, ds_ptr, partial_ptr, counter_ptr,
-    B, I, state_size, r, pass_index, chunks_per_split, n_splits,
+    u_ptr, w_ptr, prior_ptr, s_all_ptr, v_sums_ptr, dv_ptr, ds_ptr, ds_split_ptr, partial_ptr, counter_ptr,
+    B, I, state_size, split_plane, r, pass_index, chunks_per_split, n_splits,
     stride_ub, stride_ui, stride_uk, stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
@@ -372,7 +425,8 @@ def _tc_reverse_kernel(
     """Reverse pass r (R-1 >= r >= 1): dV^(r) = sum_i da^(r)_bij u_hat_bij for one batch tile and
     one slice of chunks, from ds^(r) (ds buffer row r, written before this pass). The last program
     of the tile writes dv^(r-1) = dV^(r) + dv^(r) (dv^(R-2) = dV^(R-1) when TOP, since v^(R-1) is no
-    part of V) to dv buffer row r-1, and ds^(r-1) = squash_backward(s^(r-1), dv^(r-1)) to ds row r-1."""
+    part of V) to dv buffer row r-1, and ds^(r-1) = squash_backward(s^(r-1), dv^(r-1)) to ds row r-1
+    (and its split copy: the tf32 dots read ds's parts from there, rounded once, not per chunk)."""
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
@@ -389,6 +443,7 @@ def _tc_reverse_kernel(
     w2_offs = _w_offsets(c2, k2, stride_wi, stride_wd, stride_wk, DP)
     v_sum_ptr = v_sums_ptr + (r - 1) * state_size + state  # V^(r)
     ds_r_ptr = ds_ptr + r * state_size + state
+    ds_split_r_ptr = ds_split_ptr + r * state_size + state
 
     acc = _zeros(J, BLOCK_B, DP, ACC)
     chunk_start = pid_s * chunks_per_split
@@ -408,12 +463,12 @@ def _tc_reverse_kernel(
                 # samples). Smaller tiles fit, and re-rounding them per chunk would cost more.
                 # (tl.where: Triton's interpreter rejects a tile mask & a scalar condition)
                 ds_mask = tl.where(chunk < chunk_end, mask, False)
-            ds = tl.load(ds_r_ptr + j * D + offs, mask=ds_mask, other=0.0)
+            ds_hi, ds_lo = _load_split(ds_r_ptr + j * D, ds_split_r_ptr + j * D, split_plane, offs, ds_mask, PREC)
             logit = _segment_sum(u * _dot(v_sum, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB)
             if HAS_PRIOR:
                 logit += _load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC, WHOLE)
             logits = logits + (logit,)
-            dc = dc + (_segment_sum(u * _dot(ds, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB),)
+            dc = dc + (_segment_sum(u * _dot_split(ds_hi, ds_lo, w, zero, PREC, OP), BLOCK_B, CHUNK, KA, KB),)
         da = _softmax_backward(_softmax(logits, J, LEAKY), dc, J)
         for j in tl.static_range(J):
             w = _load_w(w_ptr, chunk, j, w2_offs, c2, k2, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE)
@@ -431,14 +486,16 @@ def _tc_reverse_kernel(
                 dv_prev += tl.load(dv_ptr + r * state_size + state + j * D + offs, mask=mask, other=0.0)
             tl.store(dv_ptr + (r - 1) * state_size + state + j * D + offs, dv_prev, mask=mask)
             s_prev = tl.load(s_all_ptr + (r - 1) * state_size + state + j * D + offs, mask=mask, other=0.0)
-            tl.store(ds_ptr + (r - 1) * state_size + state + j * D + offs, squash_backward(s_prev, dv_prev, 1),
-                     mask=mask)
+            ds_prev = squash_backward(s_prev, dv_prev, 1)
+            tile = (r - 1) * state_size + state + j * D
+            tl.store(ds_ptr + tile + offs, ds_prev, mask=mask)
+            _store_split(ds_split_ptr + tile, split_plane, offs, ds_prev, mask, PREC)
 
 
 @triton.jit
 def _tc_input_grad_kernel(
-    u_ptr, w_ptr, prior_ptr, v_sums_ptr, ds_ptr, du_ptr, dw_ptr, dprior_ptr,
-    B, I, state_size, w_numel, tiles_per_prog,
+    u_ptr, w_ptr, prior_ptr, v_sums_ptr, ds_ptr, ds_split_ptr, du_ptr, dw_ptr, dprior_ptr,
+    B, I, state_size, split_plane, w_numel, tiles_per_prog,
     stride_ub, stride_ui, stride_uk, stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
@@ -448,7 +505,8 @@ def _tc_input_grad_kernel(
     """Final backward pass for one chunk of capsules (axis 0) and one run of batch tiles (axis 1):
     du of every (sample, capsule) of the chunk, written once, and this run's dW of the chunk,
     accumulated over its batch tiles and written once to row pid_g of dw_ptr ([G, I, J, D, K],
-    contiguous). Terms r = FIRST_TERM .. R-1; ds row t holds ds^(FIRST_TERM + t). FULL (no
+    contiguous). Terms r = FIRST_TERM .. R-1; ds row t holds ds^(FIRST_TERM + t), and the same row
+    of ds_split its split copy (_store_split), which the dots read. FULL (no
     detach_routing): the gradient goes through the couplings too. PRIOR_GRAD: this run's
     dprior = sum_r sum_b da^(r) of the chunk's capsules into row pid_g of dprior_ptr ([G, I, J])."""
     chunk = tl.program_id(0)
@@ -493,12 +551,14 @@ def _tc_input_grad_kernel(
             dc0 = ()
             for j in tl.static_range(J):
                 w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE)
-                ds0 = tl.load(ds_ptr + state + j * D + offs, mask=mask, other=0.0)
-                q0 = _dot(ds0, w, zero, PREC, OP)
+                ds0_hi, ds0_lo = _load_split(ds_ptr + state + j * D, ds_split_ptr + state + j * D, split_plane,
+                                             offs, mask, PREC)
+                q0 = _dot_split(ds0_hi, ds0_lo, w, zero, PREC, OP)
                 c0_cols = _spread(c0[j], BLOCK_B, CHUNK, KA, KB)
                 du += c0_cols * q0
-                ds0_t = tl.load(ds_ptr + state + j * D + offs_t, mask=mask_t, other=0.0)  # as in the r loop
-                dw = _set(dw, j, _dot(ds0_t, c0_cols * u, dw[j], PREC, OP))
+                ds0_t_hi, ds0_t_lo = _load_split(ds_ptr + state + j * D, ds_split_ptr + state + j * D, split_plane,
+                                                 offs_t, mask_t, PREC)  # transposed, as in the r loop
+                dw = _set(dw, j, _dot_split(ds0_t_hi, ds0_t_lo, c0_cols * u, dw[j], PREC, OP))
                 if PRIOR_GRAD:
                     dc0 = dc0 + (_segment_sum(u * q0, BLOCK_B, CHUNK, KA, KB),)
             if PRIOR_GRAD:
@@ -510,13 +570,15 @@ def _tc_input_grad_kernel(
             q_sum = zero
             for j in tl.static_range(J):
                 w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE)
-                ds0 = tl.load(ds_ptr + state + j * D + offs, mask=mask, other=0.0)
-                q_sum = _dot(ds0, w, q_sum, PREC, OP)
-                dw = _set(dw, j, _dot(tl.trans(ds0), u0, dw[j], PREC, OP))
+                ds0_hi, ds0_lo = _load_split(ds_ptr + state + j * D, ds_split_ptr + state + j * D, split_plane,
+                                             offs, mask, PREC)
+                q_sum = _dot_split(ds0_hi, ds0_lo, w, q_sum, PREC, OP)
+                dw = _set(dw, j, _dot_split(tl.trans(ds0_hi), tl.trans(ds0_lo), u0, dw[j], PREC, OP))
             du = q_sum / (J + LEAKY)
         for r in range(FIRST_TERM + (FIRST_TERM == 0), R):  # from 1 when FULL; not unrolled: code size
             v_sum_ptr = v_sums_ptr + (r - 1) * state_size + state
             ds_r_ptr = ds_ptr + (r - FIRST_TERM) * state_size + state
+            ds_split_r_ptr = ds_split_ptr + (r - FIRST_TERM) * state_size + state
             # One sweep over j forms the logits, dc and du's sums of the P and Q tiles, weighted by
             # e_j = exp(logit_j - top) with the softmax's running max `top` and normaliser kept
             # online (the sums are rescaled when top grows, as in flash attention): c_j = e_j / Z
@@ -540,9 +602,9 @@ def _tc_input_grad_kernel(
             for j in tl.static_range(J):
                 w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE)
                 v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
-                ds = tl.load(ds_r_ptr + j * D + offs, mask=mask, other=0.0)
+                ds_hi, ds_lo = _load_split(ds_r_ptr + j * D, ds_split_r_ptr + j * D, split_plane, offs, mask, PREC)
                 p = _dot(v_sum, w, zero, PREC, OP)
-                q = _dot(ds, w, zero, PREC, OP)
+                q = _dot_split(ds_hi, ds_lo, w, zero, PREC, OP)
                 logit = _segment_sum(u * p, BLOCK_B, CHUNK, KA, KB)
                 if HAS_PRIOR:
                     logit += _load_prior(prior_ptr, chunk, j, I, stride_pi, stride_pj, CHUNK, ACC, WHOLE)
@@ -579,8 +641,10 @@ def _tc_input_grad_kernel(
             # the dW dots' tiles of ds and V loaded again, transposed: a reuse of the tiles loaded
             # above would keep J of each live (in the A-operand layout) through the sweep
             for j in tl.static_range(J):
-                ds_t = tl.load(ds_r_ptr + j * D + offs_t, mask=mask_t, other=0.0)
-                dw = _set(dw, j, _dot(ds_t, _spread(c[j], BLOCK_B, CHUNK, KA, KB) * u, dw[j], PREC, OP))
+                ds_t_hi, ds_t_lo = _load_split(ds_r_ptr + j * D, ds_split_r_ptr + j * D, split_plane, offs_t, mask_t,
+                                               PREC)
+                dw = _set(dw, j, _dot_split(ds_t_hi, ds_t_lo, _spread(c[j], BLOCK_B, CHUNK, KA, KB) * u, dw[j],
+                                            PREC, OP))
                 if FULL:
                     v_sum_t = tl.load(v_sum_ptr + j * D + offs_t, mask=mask_t, other=0.0)
                     da_cols = _spread(da[j], BLOCK_B, CHUNK, KA, KB)
@@ -759,7 +823,8 @@ class _Plan:
         self.prior_grad = has_prior and not detach_routing
         self.squash_grid = (rev.n_tiles,)
         self.squash_kwargs = dict(J=out_caps, D=out_dim, DP=rev.constants["DP"], BLOCK_B=rev.block_b,
-                                  ACC=rev.constants["ACC"], num_warps=rev.num_warps)
+                                  ACC=rev.constants["ACC"], PREC=rev.constants["PREC"], num_warps=rev.num_warps)
+        self.split_planes = _SPLIT_PLANES.get(rev.constants["PREC"], 0)
         self.reverse_grid = (rev.n_tiles, rev.n_splits)
         # reverse passes r = R-1 .. 1 (none under detach_routing or for R = 1), as (pass_index, r, kwargs)
         self.reverse_passes = ([(pass_index, r, dict(TOP=r == iterations - 1, HAS_PRIOR=has_prior, LEAKY=leaky,
@@ -819,12 +884,15 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
     plan = _plan(u, weight, input_precision, iterations, leaky, False, prior is not None, detach_routing)
     cfg, device, state_dtype_, state_size = plan.cfg, u.device, plan.state_dtype, plan.state_size
     ds = torch.empty((iterations - plan.first_term,) + plan.state_shape, dtype=state_dtype_, device=device)
+    # the tf32 dots' parts of ds, rounded once where ds is written; ds itself is summed for dbias
+    ds_split = (torch.empty((plan.split_planes,) + tuple(ds.shape), dtype=state_dtype_, device=device)
+                if plan.split_planes else ds)  # never read without planes
     prior_arg, prior_strides = _prior_args(prior, ds)
 
     # ds^(R-1) from the incoming gradient; each reverse pass r then leaves ds^(r-1) behind
     _tc_squash_backward_kernel[plan.squash_grid](
-        s_all, grad_v, ds, batch, state_size, iterations - 1, iterations - 1 - plan.first_term, *grad_v.stride(),
-        **plan.squash_kwargs)
+        s_all, grad_v, ds, ds_split, batch, state_size, ds.numel(), iterations - 1, iterations - 1 - plan.first_term,
+        *grad_v.stride(), **plan.squash_kwargs)
     if plan.reverse_passes:
         dv = torch.empty((iterations - 1,) + plan.state_shape, dtype=state_dtype_, device=device)
         partial = torch.empty((cfg.rev.n_splits,) + plan.state_shape, dtype=state_dtype_, device=device)
@@ -832,8 +900,9 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
         strides = (*u.stride(), *prior_strides)
         for pass_index, r, kwargs in plan.reverse_passes:
             _tc_reverse_kernel[plan.reverse_grid](
-                u, weight, prior_arg, s_all, v_sums, dv, ds, partial, counter,
-                batch, in_caps, state_size, r, pass_index, cfg.rev.chunks_per_split, cfg.rev.n_splits, *strides,
+                u, weight, prior_arg, s_all, v_sums, dv, ds, ds_split, partial, counter,
+                batch, in_caps, state_size, ds.numel(), r, pass_index, cfg.rev.chunks_per_split, cfg.rev.n_splits,
+                *strides,
                 **kwargs)
 
     grad_u = torch.empty(u.shape, dtype=u.dtype, device=device)
@@ -846,8 +915,8 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
         grad_prior = (torch.empty(prior.shape, dtype=prior.dtype, device=device) if cfg.grad_splits == 1
                       else torch.empty((cfg.grad_splits,) + tuple(prior.shape), dtype=state_dtype_, device=device))
     _tc_input_grad_kernel[plan.grad_grid](
-        u, weight, prior_arg, v_sums, ds, grad_u, grad_w, grad_prior,
-        batch, in_caps, state_size, weight.numel(), cfg.grad_tiles_per_prog,
+        u, weight, prior_arg, v_sums, ds, ds_split, grad_u, grad_w, grad_prior,
+        batch, in_caps, state_size, ds.numel(), weight.numel(), cfg.grad_tiles_per_prog,
         *u.stride(), *prior_strides, **plan.grad_kwargs)
     if cfg.grad_splits > 1:
         grad_w = grad_w.sum(dim=0).to(weight.dtype)  # a fixed order: deterministic

@@ -25,16 +25,17 @@ from fastcaps.kernels import common, routing as kernels, routing_fma, routing_tc
 # (family, dtype, batch, options) -> {call: (launches, torch ops, of which compute)}, MNIST shape, R = 3.
 # compute ops: fma forward: W transposed, the semaphore zeroed; fma backward: W transposed, the
 # semaphore, dW from its partials (one torch.sum into the final layout, or one copy at one chunk),
-# + a cast for bf16; + dbias and dprior reductions with a bias and a prior. tc: the semaphores only.
+# + a cast for bf16; + dbias and dprior reductions with a bias and a prior. tc: the semaphores only;
+# its fp32 backward allocates one buffer more than bf16 (ds's tf32 split copy, routing_tc.py).
 EXPECTED = {
     ("fma", "float32", 1, ()): {"fwd": (3, 7, 2), "bwd": (3, 14, 3)},
     ("fma", "float32", 16, ()): {"fwd": (3, 7, 2), "bwd": (3, 13, 3)},
     ("fma", "bfloat16", 16, ()): {"fwd": (3, 7, 2), "bwd": (3, 14, 4)},
     ("fma", "float32", 16, ("bias", "prior", "leaky")): {"fwd": (3, 7, 2), "bwd": (3, 15, 5)},
-    ("tc", "float32", 1, ()): {"fwd": (3, 5, 1), "bwd": (4, 8, 1)},
+    ("tc", "float32", 1, ()): {"fwd": (3, 5, 1), "bwd": (4, 9, 1)},
     ("tc", "bfloat16", 16, ()): {"fwd": (3, 5, 1), "bwd": (4, 8, 1)},
-    ("tc", "float32", 16, ("bias", "prior")): {"fwd": (3, 5, 1), "bwd": (4, 8, 2)},
-    ("tc", "float32", 16, ("detach_routing",)): {"fwd": (3, 5, 1), "bwd": (2, 5, 0)},
+    ("tc", "float32", 16, ("bias", "prior")): {"fwd": (3, 5, 1), "bwd": (4, 9, 2)},
+    ("tc", "float32", 16, ("detach_routing",)): {"fwd": (3, 5, 1), "bwd": (2, 6, 0)},
 }
 
 
