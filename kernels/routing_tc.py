@@ -528,6 +528,10 @@ def _tc_input_grad_kernel(
         for j in tl.static_range(J):
             dprior = dprior + (tl.zeros((CHUNK,), dtype=ACC),)
 
+    # W_j of the chunk, the same for every batch tile and r: loaded once
+    w_tiles = ()
+    for j in tl.static_range(J):
+        w_tiles = w_tiles + (_load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE),)
     first_tile = pid_g * tiles_per_prog
     last_tile = tl.minimum(first_tile + tiles_per_prog, tl.cdiv(B, BLOCK_B))
     for tile in tl.range(first_tile, last_tile, num_stages=STAGES):
@@ -550,7 +554,7 @@ def _tc_input_grad_kernel(
             c0 = _softmax(prior_logits, J, LEAKY)
             dc0 = ()
             for j in tl.static_range(J):
-                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE)
+                w = w_tiles[j]
                 ds0_hi, ds0_lo = _load_split(ds_ptr + state + j * D, ds_split_ptr + state + j * D, split_plane,
                                              offs, mask, PREC)
                 q0 = _dot_split(ds0_hi, ds0_lo, w, zero, PREC, OP)
@@ -569,7 +573,7 @@ def _tc_input_grad_kernel(
             u0 = u / (J + LEAKY)  # a division: exact in fp64 too, where a Python-float 1/J would not be
             q_sum = zero
             for j in tl.static_range(J):
-                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE)
+                w = w_tiles[j]
                 ds0_hi, ds0_lo = _load_split(ds_ptr + state + j * D, ds_split_ptr + state + j * D, split_plane,
                                              offs, mask, PREC)
                 q_sum = _dot_split(ds0_hi, ds0_lo, w, q_sum, PREC, OP)
@@ -600,7 +604,7 @@ def _tc_input_grad_kernel(
             logits = ()
             dc = ()
             for j in tl.static_range(J):
-                w = _load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE)
+                w = w_tiles[j]
                 v_sum = tl.load(v_sum_ptr + j * D + offs, mask=mask, other=0.0)
                 ds_hi, ds_lo = _load_split(ds_r_ptr + j * D, ds_split_r_ptr + j * D, split_plane, offs, mask, PREC)
                 p = _dot(v_sum, w, zero, PREC, OP)
