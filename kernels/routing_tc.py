@@ -50,8 +50,7 @@ import triton
 import triton.language as tl
 
 from .common import (MAX_SPLITS, arrive, bias_grad_of, problem_plan, program_target, round_tf32, round_tf32_finite,
-                     squash,
-                     squash_backward, state_dtype, sum_partials, tuned)
+                     squash, squash_backward, state_dtype, sum_partials, tuned)
 
 __all__ = ["routing_forward", "routing_backward", "PRECISIONS"]
 
@@ -71,12 +70,19 @@ def _dot(a, b, acc, PREC: tl.constexpr, OP: tl.constexpr):
     if PREC == 1:
         return tl.dot(round_tf32(a), round_tf32(b), acc, input_precision="tf32", out_dtype=acc.dtype)
     elif PREC == 2:
-        a_hi = round_tf32(a)
-        # a - a_hi is NaN only where a_hi is NaN or infinite, and the a_hi product then makes the
-        # result NaN or infinite whatever the low part's rounding gives: it needs no NaN guard
-        return _dot_split(a_hi, round_tf32_finite(a - a_hi), b, acc, PREC, OP)
+        a_hi, a_lo = _tf32_parts(a)
+        return _dot_split(a_hi, a_lo, b, acc, PREC, OP)
     else:
         return _dot_unrounded(a, b, acc, PREC, OP)
+
+
+@triton.jit
+def _tf32_parts(x):
+    """(x_hi, x_lo) of tf32x3: x_hi = round_tf32(x), x_lo = x - x_hi rounded too. x - x_hi is NaN
+    only where x_hi is NaN or infinite, and the x_hi product then makes the result NaN or infinite
+    whatever the low part's rounding gives: it needs no NaN guard."""
+    hi = round_tf32(x)
+    return hi, round_tf32_finite(x - hi)
 
 
 @triton.jit
@@ -95,6 +101,8 @@ def _dot_split(a_hi, a_lo, b, acc, PREC: tl.constexpr, OP: tl.constexpr):
     if PREC == 1:
         return tl.dot(a_hi, round_tf32(b), acc, input_precision="tf32", out_dtype=acc.dtype)
     elif PREC == 2:
+        # b's low part formed at its dot: formed with b_hi (_tf32_parts), before the first dot,
+        # the odd-shape final pass with a prior and the leak spilled 40 B instead of 0 (Triton 3.9)
         b_hi = round_tf32(b)
         acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
         acc = tl.dot(a_hi, round_tf32_finite(b - b_hi), acc, input_precision="tf32", out_dtype=acc.dtype)
@@ -106,11 +114,12 @@ def _dot_split(a_hi, a_lo, b, acc, PREC: tl.constexpr, OP: tl.constexpr):
 @triton.jit
 def _store_split(split_ptr, plane, offs, x, mask, PREC: tl.constexpr):
     """x's tf32 parts, as _dot would form them, into the planes of split_ptr (plane elements apart)."""
-    if PREC == 1 or PREC == 2:
-        hi = round_tf32(x)
+    if PREC == 1:
+        tl.store(split_ptr + offs, round_tf32(x), mask=mask)
+    elif PREC == 2:
+        hi, lo = _tf32_parts(x)
         tl.store(split_ptr + offs, hi, mask=mask)
-        if PREC == 2:
-            tl.store(split_ptr + plane + offs, round_tf32_finite(x - hi), mask=mask)
+        tl.store(split_ptr + plane + offs, lo, mask=mask)
 
 
 @triton.jit
@@ -906,8 +915,7 @@ def routing_backward(grad_v: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
             _tc_reverse_kernel[plan.reverse_grid](
                 u, weight, prior_arg, s_all, v_sums, dv, ds, ds_split, partial, counter,
                 batch, in_caps, state_size, ds.numel(), r, pass_index, cfg.rev.chunks_per_split, cfg.rev.n_splits,
-                *strides,
-                **kwargs)
+                *strides, **kwargs)
 
     grad_u = torch.empty(u.shape, dtype=u.dtype, device=device)
     if cfg.grad_splits == 1:  # written once, in the weight's dtype: no partials to sum
