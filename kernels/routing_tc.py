@@ -588,7 +588,12 @@ def _tc_input_grad_kernel(
                 q_sum = _dot_split(ds0_hi, ds0_lo, w, q_sum, PREC, OP)
                 dw = _set(dw, j, _dot_split(tl.trans(ds0_hi), tl.trans(ds0_lo), u0, dw[j], PREC, OP))
             du = q_sum / (J + LEAKY)
-        for r in range(FIRST_TERM + (FIRST_TERM == 0), R):  # from 1 when FULL; not unrolled: code size
+        # from 1 when FULL; not unrolled: code size. Two stages: Triton pipelines this loop (the
+        # innermost; the loop over batch tiles around it is not), and at its default of three
+        # the ds and V tiles' buffers took 161 KB of shared memory at tf32x3 (one program per
+        # SM); two take 101 KB, two programs per SM, and issue fewer instructions (sm_90, MNIST
+        # shape, Triton 3.9: 559.6 -> 552.0 per (b, i); one, 43 KB but 562.6 and a 16 B spill)
+        for r in tl.range(FIRST_TERM + (FIRST_TERM == 0), R, num_stages=2):
             v_sum_ptr = v_sums_ptr + (r - 1) * state_size + state
             ds_r_ptr = ds_ptr + (r - FIRST_TERM) * state_size + state
             ds_split_r_ptr = ds_split_ptr + (r - FIRST_TERM) * state_size + state
@@ -847,7 +852,11 @@ class _Plan:
         self.grad_grid = (cfg.n_chunks, cfg.grad_splits)
         self.grad_kwargs = dict(R=iterations, FIRST_TERM=self.first_term, HAS_PRIOR=has_prior,
                                 PRIOR_GRAD=self.prior_grad, LEAKY=leaky,
-                                **cfg.grad_constants, num_warps=cfg.grad_num_warps)
+                                **cfg.grad_constants, num_warps=cfg.grad_num_warps,
+                                # left to itself ptxas caps this kernel at 168 registers (three
+                                # programs per SM) and spills: bf16 16 B on Triton 3.9, tf32x3
+                                # 16 B on 3.6 (sm_90, MNIST shape)
+                                maxnreg=255)
 
 
 def _plan(u: torch.Tensor, weight: torch.Tensor, input_precision: str, iterations: int, leaky: bool,

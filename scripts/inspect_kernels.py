@@ -65,7 +65,7 @@ def capture_launches(keep_args=True):
 
 
 def compile_launch(fn, args, kwargs, arch):
-    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
+    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in kwargs}
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(fn.arg_names):
         value = args[index] if index < len(args) else kwargs[name]
