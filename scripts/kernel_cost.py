@@ -3,7 +3,8 @@
 For every kernel specialisation that the launchers make for a problem (scripts/inspect_kernels.py
 compiles them with the Triton wheel's own ptxas), this prints the main loop's warp instructions per
 (sample, input capsule) by class, the registers, spills and shared memory, and an issue-bound time
-per pass. The README's kernel table and tests/kernel_budget.json (the budget that
+per pass, and how many programs of each kernel an SM holds at once (registers and shared memory
+against an H100's limits). The README's kernel table and tests/kernel_budget.json (the budget that
 tests/test_sm90_compile.py holds every kernel to) are written from it.
 
     python scripts/kernel_cost.py                      # the report set (below), a markdown table
@@ -67,6 +68,21 @@ BUDGET = ROOT / "tests" / "kernel_budget.json"
 MNIST = (1152, 10, 16, 8)
 ODD = (37, 3, 7, 5)
 SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.98e9  # H100 SXM / H200: SMs, schedulers per SM, boost clock
+# Per SM of an H100/H200 (sm_90; CUDA occupancy calculator): 64K registers allocated in units of 256
+# per warp, 228 KB of shared memory of which a program may use 227 KB and 1 KB more is reserved per
+# program, at most 64 warps and 32 programs
+SM_REGISTERS, REGISTER_UNIT, SM_SHARED, SHARED_RESERVED, SM_WARPS, SM_PROGRAMS = 65536, 256, 228 * 1024, 1024, 64, 32
+
+
+def programs_per_sm(regs, shared, num_warps):
+    """How many programs of a kernel an H100/H200 SM holds at once: the least of what its
+    registers (regs per thread, rounded up per warp), its shared memory and the warp and
+    program limits allow. Fewer resident warps hide less latency: a kernel's issue-bound time
+    assumes enough of them."""
+    warp_registers = math.ceil(regs * 32 / REGISTER_UNIT) * REGISTER_UNIT
+    by_registers = (SM_REGISTERS // warp_registers) // num_warps
+    by_shared = SM_SHARED // (shared + SHARED_RESERVED)
+    return min(by_registers, by_shared, SM_WARPS // num_warps, SM_PROGRAMS)
 BUDGET_MARGIN = 0.02  # budget = measured x (1 + margin), at least + 0.5 instruction per (sample, capsule)
 
 # The report set: both families at every precision they serve, at the MNIST shape and an odd one,
@@ -257,7 +273,9 @@ def measure(config, batch=128, iterations=3, dump=None, only=None, skip=(), over
         row = dict(family=family, shape=list(shape), dtype=dtype, precision=precision, options=list(options),
                    batch=batch, kernel=name, function=record["function"], role=_role(name, record["function"]),
                    grid=list(grid), regs=record["regs"], stack=record["stack"], shared=record["shared"],
-                   compile_s=record["compile_s"], triton=triton.__version__, cost=cost)
+                   compile_s=record["compile_s"], triton=triton.__version__, cost=cost,
+                   num_warps=record["constants"]["num_warps"],
+                   programs_per_sm=programs_per_sm(record["regs"], record["shared"], record["constants"]["num_warps"]))
         if cost is not None:
             row["issue_us"] = cost["per_bi"]["total"] * batch * shape[0] / (SMS * SCHEDULERS * CLOCK_HZ) * 1e6
         rows.append(row)
@@ -330,7 +348,8 @@ def _fmt(value, digits=1):
 
 def markdown(rows):
     """One table row per kernel specialisation; spills flagged."""
-    header = ("| Triton | family | inputs | shape | kernel | regs | spill B | shared KB | per (b, i) | "
+    header = ("| Triton | family | inputs | shape | kernel | warps | regs | spill B | shared KB | programs/SM | "
+              "per (b, i) | "
               + " | ".join(CLASSES) + " | µs/pass |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
@@ -340,7 +359,8 @@ def markdown(rows):
         inputs = row["dtype"] if row["dtype"] != "float32" else f"fp32 {row['precision']}"
         inputs += "".join(f" +{option}" for option in row["options"])
         lines.append(f"| {row['triton']} | {row['family']} | {inputs} | {'x'.join(map(str, row['shape']))} | "
-                     f"{row['kernel']} | {row['regs']} | {spill} | {row['shared'] / 1024:.1f} | "
+                     f"{row['kernel']} | {row['num_warps']} | {row['regs']} | {spill} | {row['shared'] / 1024:.1f} | "
+                     f"{row['programs_per_sm']} | "
                      f"{_fmt(cost['per_bi']['total'] if cost else None)} | " + " | ".join(classes)
                      + f" | {_fmt(row.get('issue_us'), 2)} |")
     return "\n".join(lines)
@@ -349,16 +369,16 @@ def markdown(rows):
 def summary(rows):
     """The README's table: per family and inputs at the MNIST shape, forward (r >= 1), reverse and
     final pass: instructions per (sample, capsule), registers, spills, shared memory."""
-    lines = ["| Triton | family, inputs | pass | per (b, i) | MMA | FFMA/FMUL/FADD | regs | spill B | shared KB | "
-             "issue-bound µs/pass (B = 128) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| Triton | family, inputs | pass | per (b, i) | MMA | FFMA/FMUL/FADD | warps | regs | spill B | shared KB | "
+             "programs/SM | issue-bound µs/pass (B = 128) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if tuple(row["shape"]) != MNIST or row["options"] or row["role"] not in ("forward r>=1", "reverse", "final"):
             continue
         inputs = f"{row['family']}, " + (row["dtype"] if row["dtype"] != "float32" else f"fp32 {row['precision']}")
         per_bi = row["cost"]["per_bi"]
         lines.append(f"| {row['triton']} | {inputs} | {row['role']} | {per_bi['total']:.1f} | {per_bi['mma']:.1f} | "
-                     f"{per_bi['fp']:.1f} | {row['regs']} | {row['stack']} | {row['shared'] / 1024:.1f} | "
-                     f"{row['issue_us']:.1f} |")
+                     f"{per_bi['fp']:.1f} | {row['num_warps']} | {row['regs']} | {row['stack']} | "
+                     f"{row['shared'] / 1024:.1f} | {row['programs_per_sm']} | {row['issue_us']:.1f} |")
     return "\n".join(lines)
 
 

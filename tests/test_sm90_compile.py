@@ -127,3 +127,16 @@ def test_report_set_covers_every_precision_of_both_families():
             reported = {(dtype, precision) for fam, shp, dtype, precision, options in kernel_cost.REPORT_SET
                         if fam == family and shp == shape and not options}
             assert reported == precisions, (family, shape, sorted(reported))
+
+
+@pytest.mark.parametrize("regs, shared_kb, num_warps, expected", [
+    (255, 101, 4, 2),   # registers: 8 warps of 255 (256 per warp unit) fill 64K
+    (255, 161, 4, 1),   # shared memory: 161 KB + 1 KB reserved, twice, exceeds 228 KB
+    (168, 51, 4, 3),    # 168 x 32 = 5376 registers per warp: 12 warps
+    (169, 51, 4, 2),    # 5408, rounded up to 5632 per warp: 11 warps, two programs of 4
+    (32, 0, 1, 32),     # the program limit
+    (32, 0, 8, 8),      # the warp limit: 64 warps
+])
+def test_programs_per_sm(regs, shared_kb, num_warps, expected):
+    """The report's occupancy column against hand-computed H100 limits."""
+    assert kernel_cost.programs_per_sm(regs, shared_kb * 1024, num_warps) == expected
