@@ -129,8 +129,8 @@ def compile_launches(batch, shape, dtype, precision, kernels="tc", iterations=3,
                      options=(), dump=None, only=None, skip=()):
     """Compile, for sm_`arch`, every distinct kernel specialisation that the launchers produce
     for one problem (forward, then backward with the given options, e.g. ("leaky",
-    "detach_routing", "prior")), except those named in `skip` and, with `only`, those whose names contain
-    none of its parts. Yields (name, grid, record); the record also names the @triton.jit
+    "detach_routing", "prior")), except those whose names contain a part in `skip` and, with
+    `only`, those whose names contain none of its parts. Yields (name, grid, record); the record also names the @triton.jit
     function, its integer and boolean constexprs (the launch's BLOCK sizes, flags) and the
     seconds the compilation took."""
     in_caps, out_caps, out_dim, in_dim = shape
@@ -157,7 +157,7 @@ def compile_launches(batch, shape, dtype, precision, kernels="tc", iterations=3,
     for fn, grid, largs, lkwargs in launches:
         flags = ",".join(f"{key}" for key, value in lkwargs.items() if value is True)
         name = f"{fn.__name__.strip('_').replace('_kernel', '')}[{flags}]"
-        if name in seen or name in skip or (only and not any(part in name for part in only)):
+        if name in seen or any(part in name for part in skip) or (only and not any(part in name for part in only)):
             continue
         seen.add(name)
         start = time.perf_counter()

@@ -259,7 +259,7 @@ def canonical(config):
 
 def measure(config, batch=128, iterations=3, dump=None, only=None, skip=(), overrides=None):
     """Compile one config's kernels (those whose names contain a part in `only`, if given, and
-    are not in `skip`), with the launch parameters `overrides` (tuning keys), and cost them;
+    none in `skip`), with the launch parameters `overrides` (tuning keys), and cost them;
     [row] with the config, kernel name, role, registers, stack bytes, shared memory, main-loop
     cost and issue-bound time per pass."""
     family, shape, dtype, precision, options = canonical(config)
@@ -393,7 +393,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--only", default="", help="one problem: comma-separated parts of the kernel names to compile")
-    parser.add_argument("--skip", default="", help="one problem: comma-separated kernel names not to compile")
+    parser.add_argument("--skip", default="", help="one problem: comma-separated parts of the kernel names not to compile")
     parser.add_argument("--python", action="append", default=[],
                         help="also measure under this interpreter (another Triton); repeatable")
     parser.add_argument("--workers", type=int, default=2, help="compilations at a time")
@@ -409,7 +409,7 @@ def main(argv=None):
         config = (args.kernels, tuple(args.shape), args.dtype, args.precision,
                   tuple(o for o in args.options.split(",") if o))
         rows = measure(config, args.batch, args.iterations, only=[part for part in args.only.split(",") if part],
-                       skip=[name for name in args.skip.split(",") if name],
+                       skip=[part for part in args.skip.split(",") if part],
                        overrides={key: int(value) for key, value in (item.split("=") for item in args.tuning.split(",")
                                                                     if item)})
     else:

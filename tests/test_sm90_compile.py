@@ -15,7 +15,8 @@ lowers its budget by `python scripts/kernel_cost.py --write-budget --python <Tri
 Which problems: kernel_cost.CI_SET, every kernel of both families at an odd shape (fp32 at every
 input_precision, fp16, the option flags bias, prior, leaky, detach_routing) and at the MNIST
 shape the largest specialisations (tc at tf32x3 and bf16, fma at fp32 and bf16). Each test is
-one compilation subprocess, so pytest-xdist spreads them over the cores like any other test.
+one compilation subprocess (at the MNIST shape, one for the final pass and one for the other
+kernels), so pytest-xdist spreads them over the cores like any other test.
 """
 import json
 import math
@@ -39,6 +40,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import kernel_cost  # noqa: E402  (the script: its config sets and budget keys; it compiles in a subprocess)
 
 CONFIGS = kernel_cost.CI_SET
+# At the MNIST shape the final pass alone takes about as long to compile as the config's other
+# kernels together (tc tf32x3: 130 s of 210, most of it in Triton's coalescing passes): one test
+# each, so that the pytest-xdist workers share a config. (only, skip): parts of kernel names.
+FINAL_PASS, OTHERS = (("input_grad",), ()), ((), ("input_grad",))
+CASES = [(config, part) for config in CONFIGS
+         for part in ((FINAL_PASS, OTHERS) if config[1] == kernel_cost.MNIST else (((), ()),))]
 
 
 def _prefix(config):
@@ -62,26 +69,33 @@ def _budget_for(budget, version):
     return measured["stack"], math.ceil((per_bi + margin) * 10) / 10
 
 
-def _measure(config):
-    """kernel_cost.py's rows for one config, in a subprocess without TRITON_INTERPRET (which would
-    make the kernels interpreted functions)."""
+def _measure(config, only=(), skip=()):
+    """kernel_cost.py's rows for one config's kernels (those whose names contain a part in `only`,
+    if given, and none in `skip`), in a subprocess without TRITON_INTERPRET (which would make the
+    kernels interpreted functions)."""
     family, shape, dtype, precision, options = config
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, stated to silence its warning
     command = [sys.executable, str(SCRIPT), "--json", "--kernels", family, "--shape", *map(str, shape),
                "--dtype", dtype, "--precision", precision, "--options", ",".join(options),
-               "--batch", str(BUDGET["batch"])]
+               "--batch", str(BUDGET["batch"]), "--only", ",".join(only), "--skip", ",".join(skip)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, f"compilation failed: {(result.stderr or result.stdout).strip()[-3000:]}"
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-{c[2]}-{c[3]}"
-                         + "".join(f"-{o}" for o in c[4]))
-def test_kernels_compile_for_sm90_within_budget(config):
+def _case_id(case):
+    (family, shape, dtype, precision, options), (only, skip) = case
+    return (f"{family}-{'x'.join(map(str, shape))}-{dtype}-{precision}" + "".join(f"-{o}" for o in options)
+            + "".join(f"-{p}" for p in only) + "".join(f"-no_{p}" for p in skip))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_kernels_compile_for_sm90_within_budget(case):
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this Triton wheel has no NVIDIA backend (ptxas)")
-    rows = _measure(config)
+    config, (only, skip) = case
+    rows = _measure(config, only, skip)
     assert rows, "the launchers made no launch"
     if any(rows[0]["triton"] not in entry["measured"] for entry in BUDGET["kernels"].values()):
         print(f"Triton {rows[0]['triton']}: no budget measured with it; compile and shared memory checked only")
