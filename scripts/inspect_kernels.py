@@ -130,9 +130,9 @@ def compile_launches(batch, shape, dtype, precision, kernels="tc", iterations=3,
     """Compile, for sm_`arch`, every distinct kernel specialisation that the launchers produce
     for one problem (forward, then backward with the given options, e.g. ("leaky",
     "detach_routing", "prior")), except those whose names contain a part in `skip` and, with
-    `only`, those whose names contain none of its parts. Yields (name, grid, record); the record also names the @triton.jit
-    function, its integer and boolean constexprs (the launch's BLOCK sizes, flags) and the
-    seconds the compilation took."""
+    `only`, those whose names contain none of its parts. Yields (name, grid, record); the
+    record also names the @triton.jit function, its integer and boolean constexprs (the
+    launch's BLOCK sizes, flags) and the seconds the compilation took."""
     in_caps, out_caps, out_dim, in_dim = shape
     u = torch.randn(batch, in_caps, in_dim, dtype=dtype)
     weight = torch.randn(in_caps, out_caps, out_dim, in_dim, dtype=dtype)

@@ -83,6 +83,8 @@ def programs_per_sm(regs, shared, num_warps):
     by_registers = (SM_REGISTERS // warp_registers) // num_warps
     by_shared = SM_SHARED // (shared + SHARED_RESERVED)
     return min(by_registers, by_shared, SM_WARPS // num_warps, SM_PROGRAMS)
+
+
 BUDGET_MARGIN = 0.02  # budget = measured x (1 + margin), at least + 0.5 instruction per (sample, capsule)
 
 # The report set: both families at every precision they serve, at the MNIST shape and an odd one,
@@ -368,7 +370,8 @@ def markdown(rows):
 
 def summary(rows):
     """The README's table: per family and inputs at the MNIST shape, forward (r >= 1), reverse and
-    final pass: instructions per (sample, capsule), registers, spills, shared memory."""
+    final pass: instructions per (sample, capsule), warps, registers, spills, shared memory,
+    programs per SM."""
     lines = ["| Triton | family, inputs | pass | per (b, i) | MMA | FFMA/FMUL/FADD | warps | regs | spill B | shared KB | "
              "programs/SM | issue-bound µs/pass (B = 128) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
