@@ -38,6 +38,8 @@ TUNING_KEYS = {
     "fwd_tc_stages": "forward passes only: software-pipelining depth",
     "fwd_tc_num_warps": "forward passes only: warps per program",
     "tc_stages": "software-pipelining depth of the loads over chunks",
+    "tc_grad_r_stages": "final backward pass: software-pipelining depth of its loop over the routing "
+                        "iterations (shared memory: the ds and V tiles of each stage)",
     "grad_batch_splits": "final backward pass: programs along the batch per chunk of capsules "
                          "(each > 1 adds one partial copy of dW, summed in a fixed order)",
     # fma family

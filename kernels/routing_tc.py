@@ -509,7 +509,7 @@ def _tc_input_grad_kernel(
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
     WHOLE: tl.constexpr, R: tl.constexpr, FIRST_TERM: tl.constexpr, HAS_PRIOR: tl.constexpr, PRIOR_GRAD: tl.constexpr,
-    LEAKY: tl.constexpr, STAGES: tl.constexpr,
+    LEAKY: tl.constexpr, STAGES: tl.constexpr, R_STAGES: tl.constexpr,
 ):
     """Final backward pass for one chunk of capsules (axis 0) and one run of batch tiles (axis 1):
     du of every (sample, capsule) of the chunk, written once, and this run's dW of the chunk,
@@ -588,12 +588,9 @@ def _tc_input_grad_kernel(
                 q_sum = _dot_split(ds0_hi, ds0_lo, w, q_sum, PREC, OP)
                 dw = _set(dw, j, _dot_split(tl.trans(ds0_hi), tl.trans(ds0_lo), u0, dw[j], PREC, OP))
             du = q_sum / (J + LEAKY)
-        # from 1 when FULL; not unrolled: code size. Two stages: Triton pipelines this loop (the
-        # innermost; the loop over batch tiles around it is not), and at its default of three
-        # the ds and V tiles' buffers took 161 KB of shared memory at tf32x3 (one program per
-        # SM); two take 101 KB, two programs per SM, and issue fewer instructions (sm_90, MNIST
-        # shape, Triton 3.9: 559.6 -> 552.0 per (b, i); one, 43 KB but 562.6 and a 16 B spill)
-        for r in tl.range(FIRST_TERM + (FIRST_TERM == 0), R, num_stages=2):
+        # from 1 when FULL; not unrolled: code size. Triton pipelines this loop (the innermost;
+        # the loop over batch tiles around it is not) in R_STAGES stages (_Config)
+        for r in tl.range(FIRST_TERM + (FIRST_TERM == 0), R, num_stages=R_STAGES):
             v_sum_ptr = v_sums_ptr + (r - 1) * state_size + state
             ds_r_ptr = ds_ptr + (r - FIRST_TERM) * state_size + state
             ds_split_r_ptr = ds_split_ptr + (r - FIRST_TERM) * state_size + state
@@ -803,6 +800,11 @@ class _Config:
         # 324 KB of shared memory) and the logits' sweep over j apart from dc's: bf16 150 per
         # (b, i) and 224 B (u reloaded per sweep), tf32 300 and 1.2 KB, tf32x3 597 and 2 KB.)
         self.grad_block_b = tuned("tc_grad_block_b", 16)
+        # the final pass's loop over r in two stages: at Triton's default of three, the ds and V
+        # tiles' buffers took 161 KB of shared memory at tf32x3 (one program per SM); two take
+        # 101 KB (two programs per SM) and issue fewer instructions (sm_90, MNIST shape, Triton
+        # 3.9: 559.6 -> 552.0 per (b, i)); one, 43 KB, but 562.6 and a 16 B spill
+        self.grad_r_stages = tuned("tc_grad_r_stages", 2)
         self.grad_constants = _constants(u, weight, input_precision, self.grad_block_b, chunk, stages)
         self.n_chunks = triton.cdiv(in_caps, chunk)
         # One program per chunk of capsules and run of batch tiles. The chunks alone
@@ -852,7 +854,7 @@ class _Plan:
         self.grad_grid = (cfg.n_chunks, cfg.grad_splits)
         self.grad_kwargs = dict(R=iterations, FIRST_TERM=self.first_term, HAS_PRIOR=has_prior,
                                 PRIOR_GRAD=self.prior_grad, LEAKY=leaky,
-                                **cfg.grad_constants, num_warps=cfg.grad_num_warps,
+                                R_STAGES=cfg.grad_r_stages, **cfg.grad_constants, num_warps=cfg.grad_num_warps,
                                 # left to itself ptxas caps this kernel at 168 registers (three
                                 # programs per SM) and spills: bf16 16 B on Triton 3.9, tf32x3
                                 # 16 B on 3.6 (sm_90, MNIST shape)

@@ -213,7 +213,8 @@ LAUNCH_CONFIGS = {
             dict(block_b=8, splits=37, grad_tiles_per_chunk=9, grad_i_per_prog=1, stages=3)],
     "tc": [dict(tc_block_b=16, tc_splits=3, chunk=2, grad_batch_splits=2),
            dict(tc_block_b=32, tc_splits=1, chunk=8, tc_stages=1, tc_num_warps=2, tc_grad_block_b=32),
-           dict(tc_block_b=16, tc_splits=19, chunk=2, grad_batch_splits=3, tc_stages=3, fwd_chunk=4)],
+           dict(tc_block_b=16, tc_splits=19, chunk=2, grad_batch_splits=3, tc_stages=3, fwd_chunk=4,
+                tc_grad_r_stages=1)],
 }
 
 
