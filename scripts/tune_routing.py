@@ -69,7 +69,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[128])
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--precision", default="ieee", choices=["ieee", "tf32"])
+    parser.add_argument("--precision", default="ieee", choices=["ieee", "tf32x3", "tf32"],
+                        help="fp32 input_precision (ieee: the fma kernels in either family)")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--shape", type=int, nargs=4, default=[1152, 10, 16, 8], metavar=("I", "J", "D", "K"))
     parser.add_argument("--grid", default="default", choices=sorted(GRIDS))
