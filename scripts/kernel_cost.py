@@ -270,14 +270,14 @@ def measure(config, batch=128, iterations=3, dump=None, only=None, skip=(), over
                                                 skip=skip)
     rows = []
     for name, grid, record in launches:
+        num_warps = record["constants"]["num_warps"]
         with open(record["sass"]) as f:
             cost = main_loop_cost(record["function"], record["constants"], f.read())
         row = dict(family=family, shape=list(shape), dtype=dtype, precision=precision, options=list(options),
                    batch=batch, kernel=name, function=record["function"], role=_role(name, record["function"]),
                    grid=list(grid), regs=record["regs"], stack=record["stack"], shared=record["shared"],
-                   compile_s=record["compile_s"], triton=triton.__version__, cost=cost,
-                   num_warps=record["constants"]["num_warps"],
-                   programs_per_sm=programs_per_sm(record["regs"], record["shared"], record["constants"]["num_warps"]))
+                   compile_s=record["compile_s"], triton=triton.__version__, cost=cost, num_warps=num_warps,
+                   programs_per_sm=programs_per_sm(record["regs"], record["shared"], num_warps))
         if cost is not None:
             row["issue_us"] = cost["per_bi"]["total"] * batch * shape[0] / (SMS * SCHEDULERS * CLOCK_HZ) * 1e6
         rows.append(row)
