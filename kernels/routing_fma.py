@@ -409,7 +409,10 @@ def _transposed(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     layout conversion cost the bf16 kernels 30-50% more instructions than fp32's (sm_90, MNIST
     shape, Triton 3.9: forward 161.5, reverse 180.8, final sweep 898.2 per (b, i) against 110.0,
     126.0 and 678.5). The W bytes read are then fp32's."""
-    return weight.permute(0, 3, 1, 2).to(dtype=dtype, memory_format=torch.contiguous_format)
+    w_t = weight.permute(0, 3, 1, 2)
+    if weight.dtype == dtype:  # Tensor.to keeps a non-contiguous tensor of the same dtype as it is
+        return w_t.contiguous()
+    return w_t.to(dtype=dtype, memory_format=torch.contiguous_format)
 
 
 class _Plan:

@@ -305,6 +305,22 @@ def test_nan_input_propagates(kernel_device, family):
     assert torch.isfinite(v[0]).all() and torch.isfinite(v[2]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_strided_weight_matches_contiguous(kernel_device, family, dtype):
+    """A strided W gives bit for bit what its contiguous copy gives, forward and backward: the
+    fma kernels read W from a copy in their own layout, widened to fp32 for half W."""
+    u, weight, _, grad = make_inputs((3, 9, 3, 4, 6), dtype, kernel_device)
+    strided = weight.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+    assert not strided.is_contiguous() and torch.equal(strided, weight)
+    results = []
+    for w in (weight, strided):
+        leaves = (u.detach().requires_grad_(), w.detach().requires_grad_())
+        v = fastcaps.dynamic_routing(*leaves, 3)
+        results.append((v, *torch.autograd.grad(v, leaves, grad)))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 def test_non_contiguous_inputs_and_sum_gradient(kernel_device, family):
     """Strided u and W, and the stride-0 gradient that y.sum().backward() sends."""
     u_base, w_base, _, _ = make_inputs((5, 9, 3, 4, 6), torch.float64, kernel_device)
