@@ -14,9 +14,9 @@ lowers its budget by `python scripts/kernel_cost.py --write-budget --python <Tri
 
 Which problems: kernel_cost.CI_SET, every kernel of both families at an odd shape (fp32 at every
 input_precision, fp16, the option flags bias, prior, leaky, detach_routing) and at the MNIST
-shape the largest specialisations (tc at tf32x3 and bf16, fma at fp32 and bf16). Each test is
-one compilation subprocess (at the MNIST shape, one for the final pass and one for the other
-kernels), so pytest-xdist spreads them over the cores like any other test.
+shape the largest specialisations (tc at tf32x3 and bf16, fma at fp32 and bf16, and bf16 with a
+prior). Each test is one compilation subprocess (at the MNIST shape, one for the final pass and
+one for the other kernels), so pytest-xdist spreads them over the cores like any other test.
 """
 import json
 import math
