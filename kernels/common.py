@@ -49,6 +49,8 @@ TUNING_KEYS = {
     "grad_tiles_per_chunk": "fma: batch tiles per program of the final sweep",
     "num_warps": "fma: warps per program",
     "grad_num_warps": "fma: warps per program of the final sweep",
+    "grad_split_j": "fma: whether the final sweep splits the output capsules into two tiles "
+                    "(J1 a power of two, then the rest) instead of one padded tile",
     "stages": "fma: software-pipelining depth",
 }
 

@@ -281,13 +281,76 @@ def _reverse_pass_kernel(
 
 
 @triton.jit
+def _group_w(w_ptr, i, j0: tl.constexpr, JG: tl.constexpr, J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+             BLOCK_JG: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointers to the [BLOCK_JG, BLOCK_D] slice W_i[j0 : j0 + JG, :, 0] of W transposed ([I, K, J, D],
+    see _transposed; slice k lies k * J * D further) and its mask."""
+    offs_j = tl.arange(0, BLOCK_JG)
+    offs_d = tl.arange(0, BLOCK_D)
+    w_row = w_ptr + i * (K * J * D) + (j0 + offs_j)[:, None] * D + offs_d[None, :]
+    return w_row, (offs_j[:, None] < JG) & (offs_d[None, :] < D)
+
+
+@triton.jit
+def _group_predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, j0: tl.constexpr, JG: tl.constexpr,
+                   J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_JG: tl.constexpr,
+                   BLOCK_D: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr):
+    """u_hat[b, j, d] of the output capsules j0 .. j0 + JG - 1, as _predict (zero outside)."""
+    w_row, w_mask = _group_w(w_ptr, i, j0, JG, J, D, K, BLOCK_JG, BLOCK_D)
+    u_row = u_ptr + offs_b * stride_ub + i * stride_ui
+    b_mask = offs_b < B
+    u_hat = tl.zeros((BLOCK_B, BLOCK_JG, BLOCK_D), dtype=ACC)
+    for k in tl.static_range(K):
+        u_k = tl.load(u_row + k * stride_uk, mask=b_mask, other=0.0).to(ACC)
+        w_k = tl.load(w_row + k * (J * D), mask=w_mask, other=0.0).to(ACC)
+        if TF32:
+            u_k = round_tf32(u_k)
+            w_k = round_tf32(w_k)
+        u_hat += u_k[:, None, None] * w_k[None, :, :]
+    return u_hat
+
+
+@triton.jit
+def _group_offsets(offs_b, B, j0: tl.constexpr, JG: tl.constexpr, J: tl.constexpr, D: tl.constexpr,
+                   BLOCK_JG: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets and mask of the output capsules j0 .. j0 + JG - 1 of samples offs_b in a contiguous
+    [B, J, D] state tensor, as a [BLOCK_B, BLOCK_JG, BLOCK_D] tile."""
+    offs_j = tl.arange(0, BLOCK_JG)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs = offs_b[:, None, None] * (J * D) + (j0 + offs_j)[None, :, None] * D + offs_d[None, None, :]
+    mask = (offs_b < B)[:, None, None] & (offs_j < JG)[None, :, None] & (offs_d < D)[None, None, :]
+    return offs, mask
+
+
+@triton.jit
+def _split_coupling(logits1, logits2, J1: tl.constexpr, J2: tl.constexpr, BLOCK_J2: tl.constexpr,
+                    LEAKY: tl.constexpr):
+    """_coupling of the logits of both groups of output capsules ([BLOCK_B, J1] and
+    [BLOCK_B, BLOCK_J2], J2 of them real): one softmax over the J1 + J2 of them, returned per group."""
+    real2 = (tl.arange(0, BLOCK_J2) < J2)[None, :]
+    top = tl.maximum(tl.max(logits1, axis=1), tl.max(tl.where(real2, logits2, float("-inf")), axis=1))
+    if LEAKY:
+        top = tl.maximum(top, 0.0)
+    e1 = tl.exp(logits1 - top[:, None])
+    e2 = tl.exp(logits2 - top[:, None])
+    if BLOCK_J2 != J2:
+        e2 = tl.where(real2, e2, -0.0)
+    denom = tl.sum(e1, axis=1) + tl.sum(e2, axis=1)
+    if LEAKY:
+        denom += tl.exp(-top)
+    inv = (1.0 / denom)[:, None]
+    return e1 * inv, e2 * inv
+
+
+@triton.jit
 def _input_grad_kernel(
     u_ptr, w_ptr, prior_ptr, v_sums_ptr, ds_ptr, du_ptr, dw_ptr, dprior_ptr,
     B, I, state_size, w_numel, i_per_prog, tiles_per_chunk,
     stride_ub, stride_ui, stride_uk, stride_pi, stride_pj,
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
     R: tl.constexpr, FIRST_TERM: tl.constexpr, HAS_PRIOR: tl.constexpr, PRIOR_GRAD: tl.constexpr, LEAKY: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    J1: tl.constexpr, BLOCK_J1: tl.constexpr, J2: tl.constexpr, BLOCK_J2: tl.constexpr,
 ):
     """Final backward sweep for a slice of i (axis 0) and a chunk of batch tiles (axis 1):
     du_hat from the small vectors (terms r = FIRST_TERM .. R-1), then du (each (b, i) written
@@ -296,14 +359,25 @@ def _input_grad_kernel(
     With PRIOR_GRAD also this chunk's dprior = sum_b sum_r da^(r), the same way, into its row of
     dprior_ptr ([n_chunks, I, J]). ds row t holds ds^(FIRST_TERM + t). One pipelined loop over
     the (batch tile, capsule) pairs, tile by tile in order: dW's and dprior's sums over the tiles
-    keep their fixed order."""
+    keep their fixed order.
+
+    The output capsules come in two groups, tiles of their own: j < J1 ([BLOCK_B, BLOCK_J1,
+    BLOCK_D]) and, where J2 > 0, the J2 after them ([BLOCK_B, BLOCK_J2, BLOCK_D]); the softmax
+    and the sums over j span both. With J = 10 as 8 + 2 no tile row is padding, where one tile
+    pads 10 to 16 rows and this loop's layout (samples inside a thread, for dW's sum over b)
+    computes every padded row (sm_90, MNIST shape, fp32, Triton 3.9 | 3.6: 678.5 | 789.2 -> 607.0
+    | 649.0 warp instructions per (b, i)). J2 = 0: one tile, J1 = J padded to BLOCK_J1."""
+    SPLIT: tl.constexpr = J2 > 0
     pid_i = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     state_size = tl.cast(state_size, tl.int64)  # tl.cast: also when specialised to the constant 1
-    offs_j = tl.arange(0, BLOCK_J)
+    offs_j1 = tl.arange(0, BLOCK_J1)
+    offs_j2 = tl.arange(0, BLOCK_J2)
     offs_d = tl.arange(0, BLOCK_D)
-    jd_offs = offs_j[:, None] * D + offs_d[None, :]
-    jd_mask = (offs_j[:, None] < J) & (offs_d[None, :] < D)
+    jd_offs1 = offs_j1[:, None] * D + offs_d[None, :]
+    jd_mask1 = (offs_j1[:, None] < J1) & (offs_d[None, :] < D)
+    jd_offs2 = (J1 + offs_j2)[:, None] * D + offs_d[None, :]
+    jd_mask2 = (offs_j2[:, None] < J2) & (offs_d[None, :] < D)
     dw_chunk = dw_ptr + pid_c * w_numel  # pid_c is int64
 
     i_start = pid_i * i_per_prog
@@ -318,58 +392,111 @@ def _input_grad_kernel(
     for step in tl.range(0, n_steps, num_stages=STAGES):
         tile = first_tile + step // n_i
         i = i_start + step % n_i
-        offs_b, offs, mask = _state_offsets(tile, B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
+        offs_b = tile * BLOCK_B + tl.arange(0, BLOCK_B)
         b_mask = offs_b < B
-        # FOLD_J off: Triton 3.9 gives this loop its own layout (samples inside a thread, for dW's sum
-        # over b), where padded j share registers with real ones and the select would cost (+8 per (b, i))
-        u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, J, D, K, BLOCK_B, BLOCK_J,
-                         BLOCK_D, ACC, TF32, False)
-        du_hat = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
-        if PRIOR_GRAD:
-            da_sum = tl.zeros((BLOCK_B, BLOCK_J), dtype=ACC)  # sum_r da^(r): the prior is in every b^(r)
+        offs1, mask1 = _group_offsets(offs_b, B, 0, J1, J, D, BLOCK_J1, BLOCK_D)
+        u_hat1 = _group_predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, 0, J1, J, D, K,
+                                BLOCK_B, BLOCK_J1, BLOCK_D, ACC, TF32)
+        du_hat1 = tl.zeros((BLOCK_B, BLOCK_J1, BLOCK_D), dtype=ACC)
+        if SPLIT:
+            offs2, mask2 = _group_offsets(offs_b, B, J1, J2, J, D, BLOCK_J2, BLOCK_D)
+            u_hat2 = _group_predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, J1, J2, J, D, K,
+                                    BLOCK_B, BLOCK_J2, BLOCK_D, ACC, TF32)
+            du_hat2 = tl.zeros((BLOCK_B, BLOCK_J2, BLOCK_D), dtype=ACC)
+        if PRIOR_GRAD:  # sum_r da^(r): the prior is in every b^(r)
+            da_sum1 = tl.zeros((BLOCK_B, BLOCK_J1), dtype=ACC)
+            if SPLIT:
+                da_sum2 = tl.zeros((BLOCK_B, BLOCK_J2), dtype=ACC)
         if HAS_PRIOR:
-            prior = _load_prior(prior_ptr, i, stride_pi, stride_pj, J, BLOCK_J, ACC)
+            prior_row = prior_ptr + i * stride_pi
+            prior1 = tl.load(prior_row + offs_j1 * stride_pj, mask=offs_j1 < J1, other=0.0).to(ACC)[None, :]
+            if SPLIT:
+                prior2 = tl.load(prior_row + (J1 + offs_j2) * stride_pj, mask=offs_j2 < J2, other=0.0).to(ACC)[None, :]
         for r in tl.static_range(FIRST_TERM, R):
-            ds = tl.load(ds_ptr + (r - FIRST_TERM) * state_size + offs, mask=mask, other=0.0)
-            if r == 0 and not HAS_PRIOR:
-                du_hat += _uniform_coupling(J, BLOCK_J, LEAKY, ACC) * ds
-            elif r == 0:  # b^(0) = prior: no term through V^(0) = 0
-                c = _coupling(prior, J, BLOCK_J, LEAKY)
-                du_hat += c[:, :, None] * ds
-                if PRIOR_GRAD:
-                    da_sum += _softmax_backward(c, tl.sum(u_hat * ds, axis=2))
+            ds_r = ds_ptr + (r - FIRST_TERM) * state_size
+            ds1 = tl.load(ds_r + offs1, mask=mask1, other=0.0)
+            if SPLIT:
+                ds2 = tl.load(ds_r + offs2, mask=mask2, other=0.0)
+            if r == 0 and not HAS_PRIOR:  # c^(0) = 1 / (J + leaky); ds is 0 on padded j
+                du_hat1 += ds1 / (J + LEAKY)
+                if SPLIT:
+                    du_hat2 += ds2 / (J + LEAKY)
             else:
-                v_sum = tl.load(v_sums_ptr + (r - 1) * state_size + offs, mask=mask, other=0.0)
-                logits = tl.sum(u_hat * v_sum, axis=2)
-                if HAS_PRIOR:
-                    logits += prior
-                c = _coupling(logits, J, BLOCK_J, LEAKY)
-                du_hat += c[:, :, None] * ds
-                if FIRST_TERM == 0:  # full gradient: through the softmax too
-                    da = _softmax_backward(c, tl.sum(u_hat * ds, axis=2))
-                    du_hat += da[:, :, None] * v_sum
+                if r == 0:  # b^(0) = prior: no term through V^(0) = 0
+                    logits1 = prior1
+                    if SPLIT:
+                        logits2 = prior2
+                else:
+                    v_r = v_sums_ptr + (r - 1) * state_size
+                    v1 = tl.load(v_r + offs1, mask=mask1, other=0.0)
+                    logits1 = tl.sum(u_hat1 * v1, axis=2)
+                    if HAS_PRIOR:
+                        logits1 += prior1
+                    if SPLIT:
+                        v2 = tl.load(v_r + offs2, mask=mask2, other=0.0)
+                        logits2 = tl.sum(u_hat2 * v2, axis=2)
+                        if HAS_PRIOR:
+                            logits2 += prior2
+                if SPLIT:
+                    c1, c2 = _split_coupling(logits1, logits2, J1, J2, BLOCK_J2, LEAKY)
+                    du_hat2 += c2[:, :, None] * ds2
+                else:
+                    c1 = _coupling(logits1, J1, BLOCK_J1, LEAKY)
+                du_hat1 += c1[:, :, None] * ds1
+                # through the softmax too: the full gradient (FIRST_TERM = 0); at r = 0 only dprior
+                if FIRST_TERM == 0 and (r > 0 or PRIOR_GRAD):
+                    # da = c (dc - sum_j c dc) over both groups (_softmax_backward)
+                    dc1 = tl.sum(u_hat1 * ds1, axis=2)
+                    mean = tl.sum(c1 * dc1, axis=1)
+                    if SPLIT:
+                        dc2 = tl.sum(u_hat2 * ds2, axis=2)
+                        mean += tl.sum(c2 * dc2, axis=1)
+                    da1 = c1 * (dc1 - mean[:, None])
+                    if r > 0:
+                        du_hat1 += da1[:, :, None] * v1
                     if PRIOR_GRAD:
-                        da_sum += da
+                        da_sum1 += da1
+                    if SPLIT:
+                        da2 = c2 * (dc2 - mean[:, None])
+                        if r > 0:
+                            du_hat2 += da2[:, :, None] * v2
+                        if PRIOR_GRAD:
+                            da_sum2 += da2
         if PRIOR_GRAD:  # padded samples have ds = 0, hence da = 0
-            dprior_ptrs = dprior_ptr + (pid_c * I + i) * J + offs_j
-            dprior = tl.sum(da_sum, axis=0)
+            dprior_row = dprior_ptr + (pid_c * I + i) * J
+            dprior1 = tl.sum(da_sum1, axis=0)
             if step >= n_i:  # not the chunk's first tile: add to its partial sums
-                dprior += tl.load(dprior_ptrs, mask=offs_j < J, other=0.0)
-            tl.store(dprior_ptrs, dprior, mask=offs_j < J)
+                dprior1 += tl.load(dprior_row + offs_j1, mask=offs_j1 < J1, other=0.0)
+            tl.store(dprior_row + offs_j1, dprior1, mask=offs_j1 < J1)
+            if SPLIT:
+                dprior2 = tl.sum(da_sum2, axis=0)
+                if step >= n_i:
+                    dprior2 += tl.load(dprior_row + J1 + offs_j2, mask=offs_j2 < J2, other=0.0)
+                tl.store(dprior_row + J1 + offs_j2, dprior2, mask=offs_j2 < J2)
         # du_bik = sum_jd W_ijdk du_hat_bijd ; dW_ijdk += sum_b du_hat_bijd u_bik
-        w_row, _ = _w_slices(w_ptr, i, J, D, K, BLOCK_J, BLOCK_D)
+        w_row1, _ = _group_w(w_ptr, i, 0, J1, J, D, K, BLOCK_J1, BLOCK_D)
+        if SPLIT:
+            w_row2, _ = _group_w(w_ptr, i, J1, J2, J, D, K, BLOCK_J2, BLOCK_D)
         u_row = u_ptr + offs_b * stride_ub + i * stride_ui
         for k in tl.static_range(K):
-            w_k = tl.load(w_row + k * (J * D), mask=jd_mask, other=0.0).to(ACC)
-            # one reduction over (j, d) flattened: one butterfly over the warp, not one per axis
-            du_k = tl.sum(tl.reshape(du_hat * w_k[None, :, :], (BLOCK_B, BLOCK_J * BLOCK_D)), axis=1)
+            w1_k = tl.load(w_row1 + k * (J * D), mask=jd_mask1, other=0.0).to(ACC)
+            # one reduction over (j, d) flattened per group: one butterfly over the warp, not one per axis
+            du_k = tl.sum(tl.reshape(du_hat1 * w1_k[None, :, :], (BLOCK_B, BLOCK_J1 * BLOCK_D)), axis=1)
+            if SPLIT:
+                w2_k = tl.load(w_row2 + k * (J * D), mask=jd_mask2, other=0.0).to(ACC)
+                du_k += tl.sum(tl.reshape(du_hat2 * w2_k[None, :, :], (BLOCK_B, BLOCK_J2 * BLOCK_D)), axis=1)
             tl.store(du_ptr + offs_b * (I * K) + i * K + k, du_k.to(du_ptr.dtype.element_ty), mask=b_mask)
             u_k = tl.load(u_row + k * stride_uk, mask=b_mask, other=0.0).to(ACC)
-            dw_k = tl.sum(du_hat * u_k[:, None, None], axis=0)
-            dw_ptrs = dw_chunk + (k * I + i) * (J * D) + jd_offs
+            dw_k_ptr = dw_chunk + (k * I + i) * (J * D)
+            dw1_k = tl.sum(du_hat1 * u_k[:, None, None], axis=0)
             if step >= n_i:  # not the chunk's first tile: add to its partial sums
-                dw_k += tl.load(dw_ptrs, mask=jd_mask, other=0.0)
-            tl.store(dw_ptrs, dw_k, mask=jd_mask)
+                dw1_k += tl.load(dw_k_ptr + jd_offs1, mask=jd_mask1, other=0.0)
+            tl.store(dw_k_ptr + jd_offs1, dw1_k, mask=jd_mask1)
+            if SPLIT:
+                dw2_k = tl.sum(du_hat2 * u_k[:, None, None], axis=0)
+                if step >= n_i:
+                    dw2_k += tl.load(dw_k_ptr + jd_offs2, mask=jd_mask2, other=0.0)
+                tl.store(dw_k_ptr + jd_offs2, dw2_k, mask=jd_mask2)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -399,6 +526,21 @@ class _Config:
         i_per_prog = tuned("grad_i_per_prog", triton.cdiv(in_caps * self.grad_chunks, grad_target))
         self.grad_i_per_prog = max(1, min(i_per_prog, in_caps))
         self.grad_i_progs = triton.cdiv(in_caps, self.grad_i_per_prog)
+
+
+def _j_groups(out_caps: int) -> dict:
+    """The final sweep's two groups of output capsules (see _input_grad_kernel): J1, the largest
+    power of two up to J, and the J2 = J - J1 after it, where the two tiles (J1 + J2 rounded up to
+    a power of two rows) pad at least a quarter fewer rows than one tile of J rounded up would
+    (J = 10: 8 + 2 rows, not 16; J = 7: 4 + 4 = 8, no gain). Else J1 = J and no second group.
+    The tuning key grad_split_j overrides the choice."""
+    whole = triton.next_power_of_2(out_caps)
+    j1 = 1 << (out_caps.bit_length() - 1)
+    j2 = out_caps - j1
+    split_rows = j1 + (triton.next_power_of_2(j2) if j2 else 0)
+    if j2 and tuned("grad_split_j", 4 * (whole - split_rows) >= whole):
+        return dict(J1=j1, BLOCK_J1=j1, J2=j2, BLOCK_J2=triton.next_power_of_2(j2))
+    return dict(J1=out_caps, BLOCK_J1=whole, J2=0, BLOCK_J2=1)
 
 
 def _transposed(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -448,8 +590,10 @@ class _Plan:
                                                     LEAKY=leaky, **constants, num_warps=cfg.num_warps))
                                for pass_index, r in enumerate(range(iterations - 1, 0, -1))]
         self.grad_grid = (cfg.grad_i_progs, cfg.grad_chunks)
+        grad_constants = {key: value for key, value in constants.items() if key != "BLOCK_J"}
         self.grad_kwargs = dict(R=iterations, FIRST_TERM=self.first_term, HAS_PRIOR=has_prior,
-                                PRIOR_GRAD=self.prior_grad, LEAKY=leaky, **constants, num_warps=cfg.grad_num_warps)
+                                PRIOR_GRAD=self.prior_grad, LEAKY=leaky, **grad_constants, **_j_groups(out_caps),
+                                num_warps=cfg.grad_num_warps)
         # per chunk of batch tiles, dW laid out [K, I, J, D]: each k-slice a contiguous [J, D] block
         self.grad_w_partial_shape = (cfg.grad_chunks, in_dim, in_caps, out_caps, out_dim)
         self.grad_prior_partial_shape = (cfg.grad_chunks, in_caps, out_caps)
