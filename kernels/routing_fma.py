@@ -531,14 +531,16 @@ class _Config:
 def _j_groups(out_caps: int) -> dict:
     """The final sweep's two groups of output capsules (see _input_grad_kernel): J1, the largest
     power of two up to J, and the J2 = J - J1 after it, where the two tiles (J1 + J2 rounded up to
-    a power of two rows) pad at least a quarter fewer rows than one tile of J rounded up would
-    (J = 10: 8 + 2 rows, not 16; J = 7: 4 + 4 = 8, no gain). Else J1 = J and no second group.
-    The tuning key grad_split_j overrides the choice."""
+    a power of two rows) have at least 3/8 fewer rows than one tile of J rounded up (J = 10: 8 + 2
+    rows, not 16). Else J1 = J and no second group: the second tile's own reductions cost more
+    than a few padded rows (sm_90, J = 3, D = 7, K = 5, fp32 with a prior, Triton 3.6: 2 + 1 rows
+    issue 265.0 warp instructions per (b, i), one tile of 4 rows 227.5). The tuning key
+    grad_split_j overrides the choice."""
     whole = triton.next_power_of_2(out_caps)
     j1 = 1 << (out_caps.bit_length() - 1)
     j2 = out_caps - j1
     split_rows = j1 + (triton.next_power_of_2(j2) if j2 else 0)
-    if j2 and tuned("grad_split_j", 4 * (whole - split_rows) >= whole):
+    if j2 and tuned("grad_split_j", 8 * (whole - split_rows) >= 3 * whole):
         return dict(J1=j1, BLOCK_J1=j1, J2=j2, BLOCK_J2=triton.next_power_of_2(j2))
     return dict(J1=out_caps, BLOCK_J1=whole, J2=0, BLOCK_J2=1)
 

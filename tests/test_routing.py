@@ -209,8 +209,8 @@ def test_default_precision_follows_torch(matmul_precision, input_precision, kern
 
 LAUNCH_CONFIGS = {
     "fma": [dict(block_b=2, splits=3, grad_tiles_per_chunk=1, grad_i_per_prog=4),
-            # J = 3 in one tile of 4 rows, not the default 2 + 1 (see routing_fma._j_groups)
-            dict(block_b=4, splits=1, grad_tiles_per_chunk=2, grad_i_per_prog=37, stages=1, grad_split_j=False),
+            # J = 3 in two tiles of 2 + 1 rows, not the default one of 4 (see routing_fma._j_groups)
+            dict(block_b=4, splits=1, grad_tiles_per_chunk=2, grad_i_per_prog=37, stages=1, grad_split_j=True),
             dict(block_b=8, splits=37, grad_tiles_per_chunk=9, grad_i_per_prog=1, stages=3)],
     "tc": [dict(tc_block_b=16, tc_splits=3, chunk=2, grad_batch_splits=2),
            dict(tc_block_b=32, tc_splits=1, chunk=8, tc_stages=1, tc_num_warps=2, tc_grad_block_b=32),
