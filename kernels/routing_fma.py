@@ -323,6 +323,14 @@ def _group_offsets(offs_b, B, j0: tl.constexpr, JG: tl.constexpr, J: tl.constexp
 
 
 @triton.jit
+def _uniform_group(JG: tl.constexpr, BLOCK_JG: tl.constexpr, J: tl.constexpr, LEAKY: tl.constexpr, ACC: tl.constexpr):
+    """_uniform_coupling for a group of JG of the J output capsules: 1 / (J + leaky) on its real
+    rows, [1, BLOCK_JG, 1] (one reciprocal per row, then products: not a division per element)."""
+    ones = tl.where(tl.arange(0, BLOCK_JG) < JG, 1.0, 0.0).to(ACC)
+    return (ones / (J + LEAKY))[None, :, None]
+
+
+@triton.jit
 def _split_coupling(logits1, logits2, J1: tl.constexpr, J2: tl.constexpr, BLOCK_J2: tl.constexpr,
                     LEAKY: tl.constexpr):
     """_coupling of the logits of both groups of output capsules ([BLOCK_B, J1] and
@@ -417,10 +425,10 @@ def _input_grad_kernel(
             ds1 = tl.load(ds_r + offs1, mask=mask1, other=0.0)
             if SPLIT:
                 ds2 = tl.load(ds_r + offs2, mask=mask2, other=0.0)
-            if r == 0 and not HAS_PRIOR:  # c^(0) = 1 / (J + leaky); ds is 0 on padded j
-                du_hat1 += ds1 / (J + LEAKY)
+            if r == 0 and not HAS_PRIOR:
+                du_hat1 += _uniform_group(J1, BLOCK_J1, J, LEAKY, ACC) * ds1
                 if SPLIT:
-                    du_hat2 += ds2 / (J + LEAKY)
+                    du_hat2 += _uniform_group(J2, BLOCK_J2, J, LEAKY, ACC) * ds2
             else:
                 if r == 0:  # b^(0) = prior: no term through V^(0) = 0
                     logits1 = prior1
