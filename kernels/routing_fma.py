@@ -373,8 +373,8 @@ def _input_grad_kernel(
     BLOCK_D]) and, where J2 > 0, the J2 after them ([BLOCK_B, BLOCK_J2, BLOCK_D]); the softmax
     and the sums over j span both. With J = 10 as 8 + 2 no tile row is padding, where one tile
     pads 10 to 16 rows and this loop's layout (samples inside a thread, for dW's sum over b)
-    computes every padded row (sm_90, MNIST shape, fp32, Triton 3.9 | 3.6: 678.5 | 789.2 -> 607.0
-    | 649.0 warp instructions per (b, i)). J2 = 0: one tile, J1 = J padded to BLOCK_J1."""
+    computes every padded row (sm_90, MNIST shape, fp32, Triton 3.9 | 3.6: 678.5 | 789.2 -> 608.5
+    | 647.0 warp instructions per (b, i)). J2 = 0: one tile, J1 = J padded to BLOCK_J1."""
     SPLIT: tl.constexpr = J2 > 0
     pid_i = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
