@@ -35,35 +35,37 @@ __all__ = ["routing_forward", "routing_backward"]
 # conversions it needs, and it is exact fp32 arithmetic for every input dtype.
 
 @triton.jit
-def _w_slices(w_ptr, i, J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, BLOCK_J: tl.constexpr,
-              BLOCK_D: tl.constexpr):
-    """Pointers to the [BLOCK_J, BLOCK_D] slice W_i[:, :, 0] of W transposed (contiguous [I, K, J, D],
-    see _transposed; slice k lies k * J * D further) and its mask. Its strides are compile-time
-    constants: every slice then shares one base address, with constant offsets."""
-    offs_j = tl.arange(0, BLOCK_J)
+def _w_slices(w_ptr, i, j0: tl.constexpr, JG: tl.constexpr, J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+              BLOCK_JG: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointers to the [BLOCK_JG, BLOCK_D] slice W_i[j0 : j0 + JG, :, 0] of W transposed (contiguous
+    [I, K, J, D], see _transposed; slice k lies k * J * D further) and its mask: all J output
+    capsules with j0 = 0, JG = J, or a group of them (the final sweep's). Its strides are
+    compile-time constants: every slice then shares one base address, with constant offsets."""
+    offs_j = tl.arange(0, BLOCK_JG)
     offs_d = tl.arange(0, BLOCK_D)
-    w_row = w_ptr + i * (K * J * D) + offs_j[:, None] * D + offs_d[None, :]
-    return w_row, (offs_j[:, None] < J) & (offs_d[None, :] < D)
+    w_row = w_ptr + i * (K * J * D) + (j0 + offs_j)[:, None] * D + offs_d[None, :]
+    return w_row, (offs_j[:, None] < JG) & (offs_d[None, :] < D)
 
 
 @triton.jit
-def _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk,
+def _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, j0: tl.constexpr, JG: tl.constexpr,
              J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
-             BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+             BLOCK_B: tl.constexpr, BLOCK_JG: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
              TF32: tl.constexpr, FOLD_J: tl.constexpr):
-    """u_hat[b, j, d] = sum_k W[i, j, d, k] u[b, i, k] for the batch tile, zero outside. With TF32
-    the fp32 operands are first rounded to tf32, as a tf32 tensor-core product would. FOLD_J
-    selects W's padded j to 0 once more after the load: the pipelined load comes from shared
-    memory, where the compiler cannot see the zeros, and with a layout that keeps padded j in
-    whole registers (see _load_state) the select is constant and those rows' products fold away."""
-    w_row, w_mask = _w_slices(w_ptr, i, J, D, K, BLOCK_J, BLOCK_D)
+    """u_hat[b, j, d] = sum_k W[i, j, d, k] u[b, i, k] for the batch tile and the output capsules
+    j0 .. j0 + JG - 1 (_w_slices), zero outside. With TF32 the fp32 operands are first rounded to
+    tf32, as a tf32 tensor-core product would. FOLD_J selects W's padded j to 0 once more after
+    the load: the pipelined load comes from shared memory, where the compiler cannot see the
+    zeros, and with a layout that keeps padded j in whole registers (see _load_state) the select
+    is constant and those rows' products fold away."""
+    w_row, w_mask = _w_slices(w_ptr, i, j0, JG, J, D, K, BLOCK_JG, BLOCK_D)
     u_row = u_ptr + offs_b * stride_ub + i * stride_ui
     b_mask = offs_b < B
-    u_hat = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
+    u_hat = tl.zeros((BLOCK_B, BLOCK_JG, BLOCK_D), dtype=ACC)
     for k in tl.static_range(K):
         u_k = tl.load(u_row + k * stride_uk, mask=b_mask, other=0.0).to(ACC)
         w_k = tl.load(w_row + k * (J * D), mask=w_mask, other=0.0).to(ACC)
-        if FOLD_J and BLOCK_J != J:
+        if FOLD_J and BLOCK_JG != JG:
             w_k = tl.where(w_mask, w_k, 0.0)
         if TF32:
             u_k = round_tf32(u_k)
@@ -119,14 +121,23 @@ def _softmax_backward(c, dc):
 
 
 @triton.jit
+def _group_offsets(offs_b, B, j0: tl.constexpr, JG: tl.constexpr, J: tl.constexpr, D: tl.constexpr,
+                   BLOCK_JG: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets and mask of the output capsules j0 .. j0 + JG - 1 of samples offs_b in a contiguous
+    [B, J, D] state tensor, as a [BLOCK_B, BLOCK_JG, BLOCK_D] tile."""
+    offs_j = tl.arange(0, BLOCK_JG)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs = offs_b[:, None, None] * (J * D) + (j0 + offs_j)[None, :, None] * D + offs_d[None, None, :]
+    mask = (offs_b < B)[:, None, None] & (offs_j < JG)[None, :, None] & (offs_d < D)[None, None, :]
+    return offs, mask
+
+
+@triton.jit
 def _state_offsets(tile, B, J: tl.constexpr, D: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """Offsets and mask of batch tile `tile` (an int64 index) in a contiguous [B, J, D] state tensor."""
     offs_b = tile * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_j = tl.arange(0, BLOCK_J)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs = offs_b[:, None, None] * (J * D) + offs_j[None, :, None] * D + offs_d[None, None, :]
-    mask = (offs_b < B)[:, None, None] & (offs_j < J)[None, :, None] & (offs_d < D)[None, None, :]
+    offs, mask = _group_offsets(offs_b, B, 0, J, J, D, BLOCK_J, BLOCK_D)
     return offs_b, offs, mask
 
 
@@ -174,7 +185,7 @@ def _forward_pass_kernel(
     i_start = pid_s * i_per_split
     i_end = tl.minimum(i_start + i_per_split, I)
     for i in tl.range(i_start, i_end, num_stages=STAGES):
-        u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, J, D, K, BLOCK_B, BLOCK_J,
+        u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, 0, J, J, D, K, BLOCK_B, BLOCK_J,
                          BLOCK_D, ACC, TF32, True)
         if FIRST and not HAS_PRIOR:
             acc += u_hat
@@ -259,7 +270,7 @@ def _reverse_pass_kernel(
     i_start = pid_s * i_per_split
     i_end = tl.minimum(i_start + i_per_split, I)
     for i in tl.range(i_start, i_end, num_stages=STAGES):
-        u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, J, D, K, BLOCK_B, BLOCK_J,
+        u_hat = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, 0, J, J, D, K, BLOCK_B, BLOCK_J,
                          BLOCK_D, ACC, TF32, True)
         logits = tl.sum(u_hat * v_sum, axis=2)
         if HAS_PRIOR:
@@ -278,48 +289,6 @@ def _reverse_pass_kernel(
         if BOTTOM:
             s0 = tl.load(s_all_ptr + offs, mask=mask, other=0.0)
             tl.store(ds_ptr + offs, squash_backward(s0, dv_prev, 2), mask=mask)
-
-
-@triton.jit
-def _group_w(w_ptr, i, j0: tl.constexpr, JG: tl.constexpr, J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
-             BLOCK_JG: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pointers to the [BLOCK_JG, BLOCK_D] slice W_i[j0 : j0 + JG, :, 0] of W transposed ([I, K, J, D],
-    see _transposed; slice k lies k * J * D further) and its mask."""
-    offs_j = tl.arange(0, BLOCK_JG)
-    offs_d = tl.arange(0, BLOCK_D)
-    w_row = w_ptr + i * (K * J * D) + (j0 + offs_j)[:, None] * D + offs_d[None, :]
-    return w_row, (offs_j[:, None] < JG) & (offs_d[None, :] < D)
-
-
-@triton.jit
-def _group_predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, j0: tl.constexpr, JG: tl.constexpr,
-                   J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_JG: tl.constexpr,
-                   BLOCK_D: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr):
-    """u_hat[b, j, d] of the output capsules j0 .. j0 + JG - 1, as _predict (zero outside)."""
-    w_row, w_mask = _group_w(w_ptr, i, j0, JG, J, D, K, BLOCK_JG, BLOCK_D)
-    u_row = u_ptr + offs_b * stride_ub + i * stride_ui
-    b_mask = offs_b < B
-    u_hat = tl.zeros((BLOCK_B, BLOCK_JG, BLOCK_D), dtype=ACC)
-    for k in tl.static_range(K):
-        u_k = tl.load(u_row + k * stride_uk, mask=b_mask, other=0.0).to(ACC)
-        w_k = tl.load(w_row + k * (J * D), mask=w_mask, other=0.0).to(ACC)
-        if TF32:
-            u_k = round_tf32(u_k)
-            w_k = round_tf32(w_k)
-        u_hat += u_k[:, None, None] * w_k[None, :, :]
-    return u_hat
-
-
-@triton.jit
-def _group_offsets(offs_b, B, j0: tl.constexpr, JG: tl.constexpr, J: tl.constexpr, D: tl.constexpr,
-                   BLOCK_JG: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Offsets and mask of the output capsules j0 .. j0 + JG - 1 of samples offs_b in a contiguous
-    [B, J, D] state tensor, as a [BLOCK_B, BLOCK_JG, BLOCK_D] tile."""
-    offs_j = tl.arange(0, BLOCK_JG)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs = offs_b[:, None, None] * (J * D) + (j0 + offs_j)[None, :, None] * D + offs_d[None, None, :]
-    mask = (offs_b < B)[:, None, None] & (offs_j < JG)[None, :, None] & (offs_d < D)[None, None, :]
-    return offs, mask
 
 
 @triton.jit
@@ -403,13 +372,15 @@ def _input_grad_kernel(
         offs_b = tile * BLOCK_B + tl.arange(0, BLOCK_B)
         b_mask = offs_b < B
         offs1, mask1 = _group_offsets(offs_b, B, 0, J1, J, D, BLOCK_J1, BLOCK_D)
-        u_hat1 = _group_predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, 0, J1, J, D, K,
-                                BLOCK_B, BLOCK_J1, BLOCK_D, ACC, TF32)
+        # FOLD_J off: this loop's layout (samples inside a thread in one tile, for dW's sum over b)
+        # keeps padded rows, where there are any, in registers with real ones: the select would cost
+        u_hat1 = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, 0, J1, J, D, K,
+                          BLOCK_B, BLOCK_J1, BLOCK_D, ACC, TF32, False)
         du_hat1 = tl.zeros((BLOCK_B, BLOCK_J1, BLOCK_D), dtype=ACC)
         if SPLIT:
             offs2, mask2 = _group_offsets(offs_b, B, J1, J2, J, D, BLOCK_J2, BLOCK_D)
-            u_hat2 = _group_predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, J1, J2, J, D, K,
-                                    BLOCK_B, BLOCK_J2, BLOCK_D, ACC, TF32)
+            u_hat2 = _predict(u_ptr, w_ptr, offs_b, i, B, stride_ub, stride_ui, stride_uk, J1, J2, J, D, K,
+                              BLOCK_B, BLOCK_J2, BLOCK_D, ACC, TF32, False)
             du_hat2 = tl.zeros((BLOCK_B, BLOCK_J2, BLOCK_D), dtype=ACC)
         if PRIOR_GRAD:  # sum_r da^(r): the prior is in every b^(r)
             da_sum1 = tl.zeros((BLOCK_B, BLOCK_J1), dtype=ACC)
@@ -482,9 +453,9 @@ def _input_grad_kernel(
                     dprior2 += tl.load(dprior_row + J1 + offs_j2, mask=offs_j2 < J2, other=0.0)
                 tl.store(dprior_row + J1 + offs_j2, dprior2, mask=offs_j2 < J2)
         # du_bik = sum_jd W_ijdk du_hat_bijd ; dW_ijdk += sum_b du_hat_bijd u_bik
-        w_row1, _ = _group_w(w_ptr, i, 0, J1, J, D, K, BLOCK_J1, BLOCK_D)
+        w_row1, _ = _w_slices(w_ptr, i, 0, J1, J, D, K, BLOCK_J1, BLOCK_D)
         if SPLIT:
-            w_row2, _ = _group_w(w_ptr, i, J1, J2, J, D, K, BLOCK_J2, BLOCK_D)
+            w_row2, _ = _w_slices(w_ptr, i, J1, J2, J, D, K, BLOCK_J2, BLOCK_D)
         u_row = u_ptr + offs_b * stride_ub + i * stride_ui
         for k in tl.static_range(K):
             w1_k = tl.load(w_row1 + k * (J * D), mask=jd_mask1, other=0.0).to(ACC)
