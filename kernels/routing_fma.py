@@ -100,18 +100,23 @@ def _coupling(logits, J: tl.constexpr, BLOCK_J: tl.constexpr, LEAKY: tl.constexp
 
 
 @triton.jit
-def _uniform_coupling(J: tl.constexpr, BLOCK_J: tl.constexpr, LEAKY: tl.constexpr, ACC: tl.constexpr):
-    """c at the first iteration (all logits 0): 1 / (J + leaky) on real j, [1, BLOCK_J, 1], computed
-    in the accumulation dtype (a Python-float reciprocal would be rounded to fp32)."""
-    ones = tl.where(tl.arange(0, BLOCK_J) < J, 1.0, 0.0).to(ACC)
+def _uniform_coupling(JG: tl.constexpr, BLOCK_JG: tl.constexpr, J: tl.constexpr, LEAKY: tl.constexpr,
+                      ACC: tl.constexpr):
+    """c at the first iteration (all logits 0): 1 / (J + leaky) on the JG real rows of a group of
+    the J output capsules (all of them: JG = J), [1, BLOCK_JG, 1], computed in the accumulation
+    dtype (a Python-float reciprocal would be rounded to fp32), one reciprocal per row."""
+    ones = tl.where(tl.arange(0, BLOCK_JG) < JG, 1.0, 0.0).to(ACC)
     return (ones / (J + LEAKY))[None, :, None]
 
 
 @triton.jit
-def _load_prior(prior_ptr, i, stride_pi, stride_pj, J: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr):
-    """Row i of the prior logits as [1, BLOCK_J] (0 on padded j, which _coupling masks)."""
-    offs_j = tl.arange(0, BLOCK_J)
-    return tl.load(prior_ptr + i * stride_pi + offs_j * stride_pj, mask=offs_j < J, other=0.0).to(ACC)[None, :]
+def _load_prior(prior_ptr, i, stride_pi, stride_pj, j0: tl.constexpr, JG: tl.constexpr, BLOCK_JG: tl.constexpr,
+                ACC: tl.constexpr):
+    """Row i of the prior logits of output capsules j0 .. j0 + JG - 1 (all J: j0 = 0, JG = J) as
+    [1, BLOCK_JG] (0 on padded j, which _coupling masks)."""
+    offs_j = tl.arange(0, BLOCK_JG)
+    ptrs = prior_ptr + i * stride_pi + (j0 + offs_j) * stride_pj
+    return tl.load(ptrs, mask=offs_j < JG, other=0.0).to(ACC)[None, :]
 
 
 @triton.jit
@@ -191,15 +196,15 @@ def _forward_pass_kernel(
             acc += u_hat
         else:
             if FIRST:  # b^(0) = prior
-                logits = _load_prior(prior_ptr, i, stride_pi, stride_pj, J, BLOCK_J, ACC)
+                logits = _load_prior(prior_ptr, i, stride_pi, stride_pj, 0, J, BLOCK_J, ACC)
             else:
                 logits = tl.sum(u_hat * v_sum, axis=2)
                 if HAS_PRIOR:
-                    logits += _load_prior(prior_ptr, i, stride_pi, stride_pj, J, BLOCK_J, ACC)
+                    logits += _load_prior(prior_ptr, i, stride_pi, stride_pj, 0, J, BLOCK_J, ACC)
             c = _coupling(logits, J, BLOCK_J, LEAKY)
             acc += c[:, :, None] * u_hat
     if FIRST and not HAS_PRIOR:
-        acc = acc * _uniform_coupling(J, BLOCK_J, LEAKY, ACC)
+        acc = acc * _uniform_coupling(J, BLOCK_J, J, LEAKY, ACC)
     tl.store(partial_ptr + pid_s * state_size + offs, acc, mask=mask)
 
     if arrive(counter_ptr, pid_b, (r + 1) * n_splits - 1):
@@ -274,7 +279,7 @@ def _reverse_pass_kernel(
                          BLOCK_D, ACC, TF32, True)
         logits = tl.sum(u_hat * v_sum, axis=2)
         if HAS_PRIOR:
-            logits += _load_prior(prior_ptr, i, stride_pi, stride_pj, J, BLOCK_J, ACC)
+            logits += _load_prior(prior_ptr, i, stride_pi, stride_pj, 0, J, BLOCK_J, ACC)
         c = _coupling(logits, J, BLOCK_J, LEAKY)
         da = _softmax_backward(c, tl.sum(u_hat * ds, axis=2))
         acc += da[:, :, None] * u_hat
@@ -289,14 +294,6 @@ def _reverse_pass_kernel(
         if BOTTOM:
             s0 = tl.load(s_all_ptr + offs, mask=mask, other=0.0)
             tl.store(ds_ptr + offs, squash_backward(s0, dv_prev, 2), mask=mask)
-
-
-@triton.jit
-def _uniform_group(JG: tl.constexpr, BLOCK_JG: tl.constexpr, J: tl.constexpr, LEAKY: tl.constexpr, ACC: tl.constexpr):
-    """_uniform_coupling for a group of JG of the J output capsules: 1 / (J + leaky) on its real
-    rows, [1, BLOCK_JG, 1] (one reciprocal per row, then products: not a division per element)."""
-    ones = tl.where(tl.arange(0, BLOCK_JG) < JG, 1.0, 0.0).to(ACC)
-    return (ones / (J + LEAKY))[None, :, None]
 
 
 @triton.jit
@@ -387,19 +384,18 @@ def _input_grad_kernel(
             if SPLIT:
                 da_sum2 = tl.zeros((BLOCK_B, BLOCK_J2), dtype=ACC)
         if HAS_PRIOR:
-            prior_row = prior_ptr + i * stride_pi
-            prior1 = tl.load(prior_row + offs_j1 * stride_pj, mask=offs_j1 < J1, other=0.0).to(ACC)[None, :]
+            prior1 = _load_prior(prior_ptr, i, stride_pi, stride_pj, 0, J1, BLOCK_J1, ACC)
             if SPLIT:
-                prior2 = tl.load(prior_row + (J1 + offs_j2) * stride_pj, mask=offs_j2 < J2, other=0.0).to(ACC)[None, :]
+                prior2 = _load_prior(prior_ptr, i, stride_pi, stride_pj, J1, J2, BLOCK_J2, ACC)
         for r in tl.static_range(FIRST_TERM, R):
             ds_r = ds_ptr + (r - FIRST_TERM) * state_size
             ds1 = tl.load(ds_r + offs1, mask=mask1, other=0.0)
             if SPLIT:
                 ds2 = tl.load(ds_r + offs2, mask=mask2, other=0.0)
             if r == 0 and not HAS_PRIOR:
-                du_hat1 += _uniform_group(J1, BLOCK_J1, J, LEAKY, ACC) * ds1
+                du_hat1 += _uniform_coupling(J1, BLOCK_J1, J, LEAKY, ACC) * ds1
                 if SPLIT:
-                    du_hat2 += _uniform_group(J2, BLOCK_J2, J, LEAKY, ACC) * ds2
+                    du_hat2 += _uniform_coupling(J2, BLOCK_J2, J, LEAKY, ACC) * ds2
             else:
                 if r == 0:  # b^(0) = prior: no term through V^(0) = 0
                     logits1 = prior1
