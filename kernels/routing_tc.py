@@ -689,6 +689,8 @@ def _tc_input_grad_kernel(
 # The final pass's batch splits (see _Config): programs = GRAD_WAVES x program_target at most,
 # each over at least GRAD_MIN_TILES batch tiles
 GRAD_WAVES = 2
+# the compiling Triton's (major, minor): a launch default follows its code generation (_Config)
+_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2])
 GRAD_MIN_TILES = 8
 
 
@@ -764,18 +766,28 @@ class _Config:
         wide = batch > 64 and u.dtype != torch.float64
         wide_block_b = tuned("tc_block_b", 128)
 
-        def tiling(wide: bool, prefix: str, wide_samples: int | None = None, wide_columns: int = 16) -> _Tiling:
+        def tiling(wide: bool, prefix: str, wide_samples: int | None = None, wide_columns: int = 16,
+                   wide_stages: int = 1) -> _Tiling:
             """The wide tiling (one warpgroup per 64 samples of wide_samples, by default
-            wide_block_b, and wide_columns columns per chunk) or the default one, overridden by
-            the keys prefix + key."""
+            wide_block_b, wide_columns columns per chunk and wide_stages pipelining stages) or the
+            default one, overridden by the keys prefix + key."""
             tile_b = tuned(prefix + "tc_block_b", (wide_samples or wide_block_b) if wide else block_b)
             warps_default = max(1, 4 * tile_b // 64) if wide else (8 if tile_b >= 64 else 1)
             warps = tuned(prefix + "tc_num_warps", tuned("tc_num_warps", warps_default))
             return _Tiling(u, weight, input_precision, tile_b,
                            tuned(prefix + "chunk", tuned("chunk", max(1, wide_columns // kp)) if wide else chunk),
-                           tuned(prefix + "tc_stages", tuned("tc_stages", 1) if wide else stages), warps)
+                           tuned(prefix + "tc_stages", tuned("tc_stages", wide_stages) if wide else stages), warps)
 
         half = u.dtype in (torch.float16, torch.bfloat16)
+        # The 16-bit forward passes r >= 1 and reverse passes pipeline their loop over chunks in
+        # two stages where Triton's code generation is 3.6's: in one they spill, in two not.
+        # sm_90, MNIST shape, Triton 3.6, bf16 (fp16 alike), warp instructions per (b, i) and
+        # spilled bytes, one stage -> two: forward 14.8 and 8 B -> 15.3 and 0, reverse 42.7 and
+        # 8 B -> 42.7 and 0 (shared memory 50 -> 68 KB and 45 -> 52 KB, programs per SM
+        # unchanged). Under 3.9 one stage spills nothing and two issue more (forward 15.9 ->
+        # 17.9, reverse 42.7 -> 45.2); the first forward pass (no V, no softmax without a prior)
+        # spills in neither and keeps one (two: 3.3 -> 4.6, and 8 -> 28 KB of shared memory).
+        half_stages = 2 if half and _TRITON < (3, 9) else 1
         # The 16-bit and tf32 forward passes: 32 columns per chunk (4 capsules of 8), where each
         # thread holds all of a capsule's k (see _columns) and the sums over k need no shuffles.
         # sm_90, MNIST shape, Triton 3.9 | 3.6, warp instructions per (b, i) against 16 columns:
@@ -786,12 +798,14 @@ class _Config:
         tf32 = u.dtype == torch.float32 and input_precision == "tf32" and not has_prior
         wide_forward_columns = 32 if half or tf32 else 16
         self.fwd = tiling(wide, "fwd_", wide_columns=wide_forward_columns)
+        self.fwd_later_stages = (tuned("fwd_tc_stages", tuned("tc_stages", half_stages)) if wide
+                                 else self.fwd.constants["STAGES"])  # passes r >= 1
         # The 16-bit reverse pass: 64 samples on one warpgroup and 16 columns per chunk. sm_90,
         # MNIST shape, bf16, Triton 3.9 | 3.6: 43.0 | 43.1 warp instructions per (b, i) and no
         # spills; the default tiling (64 samples on 8 warps, where both warpgroups
         # compute the same P and Q) issued 48.7 and spilled 96 B, 128 samples on 8 warps 51.2
         # and 16 B (before u was loaded in memory order), 32 columns 25-27 but 328-464 B.
-        self.rev = tiling(batch > 16 if half else wide, "", wide_samples=64 if half else None)
+        self.rev = tiling(batch > 16 if half else wide, "", wide_samples=64 if half else None, wide_stages=half_stages)
         # final pass. Its dW dots are [columns, BLOCK_B] x [BLOCK_B, D], too small for 8 warps:
         # more warps only replicate them (and their registers)
         self.grad_num_warps = tuned("tc_grad_num_warps", min(num_warps, 4))
@@ -839,7 +853,8 @@ class _Plan:
         fwd, rev = cfg.fwd, cfg.rev
         self.forward_grid = (fwd.n_tiles, fwd.n_splits)
         self.forward_kwargs = [dict(FIRST=r == 0, LAST=r == iterations - 1, HAS_BIAS=has_bias, HAS_PRIOR=has_prior,
-                                    LEAKY=leaky, **fwd.constants, num_warps=fwd.num_warps)
+                                    LEAKY=leaky, **dict(fwd.constants, STAGES=cfg.fwd_later_stages if r else
+                                                        fwd.constants["STAGES"]), num_warps=fwd.num_warps)
                                for r in range(iterations)]
         self.first_term = iterations - 1 if (detach_routing or iterations == 1) else 0
         self.prior_grad = has_prior and not detach_routing
