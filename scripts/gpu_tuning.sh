@@ -8,10 +8,12 @@
 #   2. fma kernels: pipelining depth 1-3 x batch tile 2-8 (--grid stages); the final sweep holds
 #      8 / 8 / 4 one-warp programs per SM at 1 / 2 / 3 stages (fp32, block_b = 4; registers bound
 #      the first two);
-#   3. fma final sweep: the output capsules in two tiles (8 + 2 rows) or one of 16 (--grid split_j).
+#   3. fma final sweep: the output capsules in two tiles (8 + 2 rows) or one of 16 (--grid split_j);
+#   4. tc bf16 forward passes: their loop over chunks in 1 or 2 stages (--grid tc_fwd_stages; the
+#      default follows the Triton version: 2 under 3.6, where 1 spills, 1 under 3.9).
 # Each at batch 128 and 8192, every output and gradient checked against float64 first. Not yet
 # run; each grid has its own time limit (mostly first-call compilations: the tc tf32x3 final pass
-# took about 130 s to compile on a 2-core CPU), 9 minutes in all. Run it after
+# took about 130 s to compile on a 2-core CPU), 9.5 minutes in all. Run it after
 # scripts/gpu_session.sh, in a call of its own. Results: benchmarks/results/<device>-tuning-*.{json,log};
 # where $OUT is set (the lent device machine), also $OUT/gpu-tuning.tar.gz.
 #
@@ -32,8 +34,9 @@ tune() {  # result name, seconds, tune_routing.py options
 }
 tune tc-bf16 90 --dtype bfloat16 --grid tc_grad
 tune tc-tf32x3 240 --dtype float32 --precision tf32x3 --grid tc_grad
-tune fma-fp32 150 --dtype float32 --grid stages
+tune fma-fp32 135 --dtype float32 --grid stages
 tune fma-split-j 60 --dtype float32 --grid split_j
+tune tc-bf16-fwd-stages 45 --dtype bfloat16 --grid tc_fwd_stages
 
 if [[ -n ${OUT:-} ]]; then
     tar czf "$OUT/gpu-tuning.tar.gz" "$RESULTS"/"$device"-tuning-*

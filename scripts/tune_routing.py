@@ -37,6 +37,10 @@ GRIDS = {
     # the tc final pass's loop over r: 1-3 stages, 43 / 101 / 161 KB of shared memory at tf32x3
     # (sm_90, MNIST shape), so 2 / 2 / 1 programs per SM
     "tc_grad": [dict(kernels="tc", tc_grad_r_stages=s) for s in (1, 2, 3)],
+    # the tc forward passes' loop over chunks in 1 or 2 stages: under Triton 3.6 the 16-bit passes
+    # r >= 1 take 2 (no spill, 15.3 against 14.8 instructions per (b, i) and 8 B spilled; sm_90,
+    # MNIST shape, bf16), under 3.9 1 (15.9 against 17.9)
+    "tc_fwd_stages": [dict(kernels="tc", fwd_tc_stages=s) for s in (1, 2)],
 }
 
 
