@@ -689,9 +689,9 @@ def _tc_input_grad_kernel(
 # The final pass's batch splits (see _Config): programs = GRAD_WAVES x program_target at most,
 # each over at least GRAD_MIN_TILES batch tiles
 GRAD_WAVES = 2
+GRAD_MIN_TILES = 8
 # the compiling Triton's (major, minor): a launch default follows its code generation (_Config)
 _TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2])
-GRAD_MIN_TILES = 8
 
 
 def _constants(u: torch.Tensor, weight: torch.Tensor, input_precision: str, block_b: int, chunk: int,
@@ -766,6 +766,11 @@ class _Config:
         wide = batch > 64 and u.dtype != torch.float64
         wide_block_b = tuned("tc_block_b", 128)
 
+        def pipeline_stages(wide: bool, prefix: str, wide_stages: int = 1) -> int:
+            """The software-pipelining depth: wide_stages in the wide tiling, else stages,
+            overridden by the keys prefix + tc_stages, then tc_stages."""
+            return tuned(prefix + "tc_stages", tuned("tc_stages", wide_stages) if wide else stages)
+
         def tiling(wide: bool, prefix: str, wide_samples: int | None = None, wide_columns: int = 16,
                    wide_stages: int = 1) -> _Tiling:
             """The wide tiling (one warpgroup per 64 samples of wide_samples, by default
@@ -776,7 +781,7 @@ class _Config:
             warps = tuned(prefix + "tc_num_warps", tuned("tc_num_warps", warps_default))
             return _Tiling(u, weight, input_precision, tile_b,
                            tuned(prefix + "chunk", tuned("chunk", max(1, wide_columns // kp)) if wide else chunk),
-                           tuned(prefix + "tc_stages", tuned("tc_stages", wide_stages) if wide else stages), warps)
+                           pipeline_stages(wide, prefix, wide_stages), warps)
 
         half = u.dtype in (torch.float16, torch.bfloat16)
         # The 16-bit forward passes r >= 1 and reverse passes pipeline their loop over chunks in
@@ -797,9 +802,8 @@ class _Config:
         # tf32 with a prior 24 B (Triton 3.9).
         tf32 = u.dtype == torch.float32 and input_precision == "tf32" and not has_prior
         wide_forward_columns = 32 if half or tf32 else 16
-        self.fwd = tiling(wide, "fwd_", wide_columns=wide_forward_columns)
-        self.fwd_later_stages = (tuned("fwd_tc_stages", tuned("tc_stages", half_stages)) if wide
-                                 else self.fwd.constants["STAGES"])  # passes r >= 1
+        self.fwd = tiling(wide, "fwd_", wide_columns=wide_forward_columns, wide_stages=half_stages)
+        self.fwd_first_stages = pipeline_stages(wide, "fwd_")  # the first pass's
         # The 16-bit reverse pass: 64 samples on one warpgroup and 16 columns per chunk. sm_90,
         # MNIST shape, bf16, Triton 3.9 | 3.6: 43.0 | 43.1 warp instructions per (b, i) and no
         # spills; the default tiling (64 samples on 8 warps, where both warpgroups
@@ -853,8 +857,8 @@ class _Plan:
         fwd, rev = cfg.fwd, cfg.rev
         self.forward_grid = (fwd.n_tiles, fwd.n_splits)
         self.forward_kwargs = [dict(FIRST=r == 0, LAST=r == iterations - 1, HAS_BIAS=has_bias, HAS_PRIOR=has_prior,
-                                    LEAKY=leaky, **dict(fwd.constants, STAGES=cfg.fwd_later_stages if r else
-                                                        fwd.constants["STAGES"]), num_warps=fwd.num_warps)
+                                    LEAKY=leaky, **dict(fwd.constants, STAGES=fwd.constants["STAGES"] if r else
+                                                        cfg.fwd_first_stages), num_warps=fwd.num_warps)
                                for r in range(iterations)]
         self.first_term = iterations - 1 if (detach_routing or iterations == 1) else 0
         self.prior_grad = has_prior and not detach_routing
