@@ -40,6 +40,8 @@ TUNING_KEYS = {
     "tc_stages": "software-pipelining depth of the loads over chunks",
     "tc_grad_r_stages": "final backward pass: software-pipelining depth of its loop over the routing "
                         "iterations (shared memory: the ds and V tiles of each stage)",
+    "tc_grad_scaled_prior": "final backward pass with a prior: its first iteration's du term as one chain "
+                            "of dots on W scaled by softmax(prior) (True) or per output capsule (False)",
     "grad_batch_splits": "final backward pass: programs along the batch per chunk of capsules "
                          "(each > 1 adds one partial copy of dW, summed in a fixed order)",
     # fma family

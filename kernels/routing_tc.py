@@ -511,7 +511,7 @@ def _tc_input_grad_kernel(
     J: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, DP: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, KMAJOR: tl.constexpr,
     WHOLE: tl.constexpr, R: tl.constexpr, FIRST_TERM: tl.constexpr, HAS_PRIOR: tl.constexpr, PRIOR_GRAD: tl.constexpr,
-    LEAKY: tl.constexpr, STAGES: tl.constexpr, R_STAGES: tl.constexpr,
+    LEAKY: tl.constexpr, STAGES: tl.constexpr, R_STAGES: tl.constexpr, SCALED_PRIOR: tl.constexpr,
 ):
     """Final backward pass for one chunk of capsules (axis 0) and one run of batch tiles (axis 1):
     du of every (sample, capsule) of the chunk, written once, and this run's dW of the chunk,
@@ -543,6 +543,19 @@ def _tc_input_grad_kernel(
     w_tiles = ()
     for j in tl.static_range(J):
         w_tiles = w_tiles + (_load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE),)
+    # The r = 0 term with a prior, where SCALED_PRIOR (_Config.grad_scaled_prior): c^(0) =
+    # softmax(prior) is the same for every sample, formed once, and du's term
+    # sum_j c^(0)_j (ds^(0)_j W_j) = sum_j ds^(0)_j (c^(0)_j W_j) is one chain of dots on W scaled
+    # once, as without a prior; else c^(0) is formed per batch tile, and so is each j's product
+    SCALED_W0: tl.constexpr = FIRST_TERM == 0 and HAS_PRIOR and SCALED_PRIOR
+    if SCALED_W0:
+        prior_logits = ()
+        for j in tl.static_range(J):
+            prior_logits = prior_logits + (_load_prior(prior_ptr, chunk, j, I, J, CHUNK, ACC, WHOLE),)
+        c0 = _softmax(prior_logits, J, LEAKY)
+        w0_tiles = ()
+        for j in tl.static_range(J):
+            w0_tiles = w0_tiles + (w_tiles[j] * _spread(c0[j], 1, CHUNK, KA, KB),)
     first_tile = pid_g * tiles_per_prog
     last_tile = tl.minimum(first_tile + tiles_per_prog, tl.cdiv(B, BLOCK_B))
     for tile in tl.range(first_tile, last_tile, num_stages=STAGES):
@@ -556,25 +569,34 @@ def _tc_input_grad_kernel(
         zero = tl.zeros((BLOCK_B, KA * CHUNK * KB), dtype=ACC)
         du = zero
         if FIRST_TERM == 0 and HAS_PRIOR:  # r = 0: c^(0) = softmax(prior), nothing through V^(0) = 0
-            prior_logits = ()
-            for j in tl.static_range(J):
-                prior_logits = prior_logits + (
-                    _load_prior(prior_ptr, chunk, j, I, J, CHUNK, ACC, WHOLE),)
-            # names of their own: c, dc, da of the r loop below have [BLOCK_B, CHUNK] tiles, and a
-            # name bound before a loop would become a loop-carried value of another shape
-            c0 = _softmax(prior_logits, J, LEAKY)
+            if not SCALED_W0:
+                prior_logits = ()
+                for j in tl.static_range(J):
+                    prior_logits = prior_logits + (
+                        _load_prior(prior_ptr, chunk, j, I, J, CHUNK, ACC, WHOLE),)
+                # names of their own: c, dc, da of the r loop below have [BLOCK_B, CHUNK] tiles, and
+                # a name bound before a loop would become a loop-carried value of another shape
+                c0 = _softmax(prior_logits, J, LEAKY)
             dc0 = ()
             for j in tl.static_range(J):
                 w = w_tiles[j]
                 ds0_hi, ds0_lo = _load_split(ds_ptr + state + j * D, ds_split_ptr + state + j * D, split_plane,
                                              offs, mask, PREC)
-                q0 = _dot_split(ds0_hi, ds0_lo, w, zero, PREC, OP)
                 c0_cols = _spread(c0[j], BLOCK_B, CHUNK, KA, KB)
-                du += c0_cols * q0
+                if SCALED_W0:
+                    du = _dot_split(ds0_hi, ds0_lo, w0_tiles[j], du, PREC, OP)
+                else:
+                    q0 = _dot_split(ds0_hi, ds0_lo, w, zero, PREC, OP)
+                    du += c0_cols * q0
                 ds0_t_hi, ds0_t_lo = _load_split(ds_ptr + state + j * D, ds_split_ptr + state + j * D, split_plane,
                                                  offs_t, mask_t, PREC)  # transposed, as in the r loop
                 dw = _set(dw, j, _dot_split(ds0_t_hi, ds0_t_lo, c0_cols * u, dw[j], PREC, OP))
-                if PRIOR_GRAD:
+                if PRIOR_GRAD and SCALED_W0:
+                    # da^(0) = c^(0) (dc^(0) - sum_j c^(0)_j dc^(0)_j) is linear in dc^(0): the
+                    # tile's sum of da^(0) is that map of the tile's sum of dc^(0)
+                    q0 = _dot_split(ds0_hi, ds0_lo, w, zero, PREC, OP)
+                    dc0 = dc0 + (tl.sum(_segment_sum(u * q0, BLOCK_B, CHUNK, KA, KB), axis=0)[None, :],)
+                elif PRIOR_GRAD:
                     dc0 = dc0 + (_segment_sum(u * q0, BLOCK_B, CHUNK, KA, KB),)
             if PRIOR_GRAD:
                 da0 = _softmax_backward(c0, dc0, J)
@@ -825,6 +847,12 @@ class _Config:
         # 101 KB (two programs per SM) and issue fewer instructions (sm_90, MNIST shape, Triton
         # 3.9: 559.6 -> 552.0 per (b, i)); one, 43 KB, but 562.6 and a 16 B spill
         self.grad_r_stages = tuned("tc_grad_r_stages", 2)
+        # the final pass's r = 0 term with a prior on W scaled once by c^(0) (_tc_input_grad_kernel)
+        # where that spills nothing more: sm_90, MNIST shape, warp instructions per (b, i) and
+        # spilled bytes, per-tile -> scaled form. Triton 3.9: fp16 334.2 and 8 B -> 320.4 and 0,
+        # bf16 341.6 and 0 -> 321.0 and 0; 3.6: fp16 338.2 and 0 -> 326.6 and 8 B, bf16 338.4 and
+        # 0 -> 326.8 and 8 B. The tf32 dots spilled more (tf32 0 -> 16 B, 3.9; tf32x3 8 -> 32 B, 3.6)
+        self.grad_scaled_prior = has_prior and tuned("tc_grad_scaled_prior", half and _TRITON >= (3, 9))
         self.grad_constants = _constants(u, weight, input_precision, self.grad_block_b, chunk, stages)
         self.n_chunks = triton.cdiv(in_caps, chunk)
         # One program per chunk of capsules and run of batch tiles. The chunks alone
@@ -875,7 +903,8 @@ class _Plan:
         self.grad_grid = (cfg.n_chunks, cfg.grad_splits)
         self.grad_kwargs = dict(R=iterations, FIRST_TERM=self.first_term, HAS_PRIOR=has_prior,
                                 PRIOR_GRAD=self.prior_grad, LEAKY=leaky,
-                                R_STAGES=cfg.grad_r_stages, **cfg.grad_constants, num_warps=cfg.grad_num_warps,
+                                R_STAGES=cfg.grad_r_stages, SCALED_PRIOR=cfg.grad_scaled_prior,
+                                **cfg.grad_constants, num_warps=cfg.grad_num_warps,
                                 # left to itself ptxas caps this kernel at 168 registers (three
                                 # programs per SM) and spills: bf16 16 B on Triton 3.9, tf32x3
                                 # 16 B on 3.6 (sm_90, MNIST shape)

@@ -589,6 +589,23 @@ def test_whole_chunks(with_prior, dtype, precision, tol, batch, kernel_device):
         assert rel_err(out, ref) < tol, name
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["per-tile", "scaled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("iterations, leaky", [(1, True), (3, False)], ids=["R1-leaky", "R3"])
+def test_prior_first_term_forms(scaled, dtype, iterations, leaky, kernel_device):
+    """Both forms of the tc final pass's r = 0 term with a prior (tuning key tc_grad_scaled_prior,
+    whose default follows the dtype and the Triton version), at either kind of dot: 37 samples in
+    three batch tiles of 16, the last partial, split over two programs along the batch."""
+    u, weight, bias, grad = make_inputs((37, 13, 5, 6, 3), dtype, kernel_device, bias=True)
+    prior = make_prior(13, 5, dtype, kernel_device)
+    with kernels.tuning(kernels="tc", tc_grad_scaled_prior=scaled, grad_batch_splits=2):
+        outs, refs = fused_and_reference_with_prior(u, weight, bias, prior, grad, iterations, leaky=leaky,
+                                                    input_precision="tf32x3")
+    for name, out, ref in zip(("v", "du", "dW", "dbias", "dprior"), outs, refs):
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert rel_err(out, ref) < TOL[dtype], name
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_prior_half_precision(dtype, kernel_device, family):
     if dtype == torch.bfloat16 and kernel_device == "cpu":
