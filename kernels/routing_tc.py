@@ -250,6 +250,16 @@ def _load_prior(prior_ptr, chunk, j: tl.constexpr, I, J: tl.constexpr, CHUNK: tl
 
 
 @triton.jit
+def _prior_couplings(prior_ptr, chunk, I, J: tl.constexpr, CHUNK: tl.constexpr, ACC: tl.constexpr,
+                     WHOLE: tl.constexpr, LEAKY: tl.constexpr):
+    """c^(0) = softmax(prior) of the chunk's capsules: J [1, CHUNK] tiles, the same for every sample."""
+    prior_logits = ()
+    for j in tl.static_range(J):
+        prior_logits = prior_logits + (_load_prior(prior_ptr, chunk, j, I, J, CHUNK, ACC, WHOLE),)
+    return _softmax(prior_logits, J, LEAKY)
+
+
+@triton.jit
 def _segment_sum(x, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
     """[BLOCK_B, columns] -> [BLOCK_B, CHUNK]: the sum over k of each capsule's columns."""
     return tl.sum(tl.sum(tl.reshape(x, (BLOCK_B, KA, CHUNK, KB)), axis=3), axis=1)
@@ -543,16 +553,13 @@ def _tc_input_grad_kernel(
     w_tiles = ()
     for j in tl.static_range(J):
         w_tiles = w_tiles + (_load_w(w_ptr, chunk, j, w1_offs, c1, k1, I, stride_wi, stride_wj, K, D, DP, CHUNK, WHOLE),)
-    # The r = 0 term with a prior, where SCALED_PRIOR (_Config.grad_scaled_prior): c^(0) =
-    # softmax(prior) is the same for every sample, formed once, and du's term
-    # sum_j c^(0)_j (ds^(0)_j W_j) = sum_j ds^(0)_j (c^(0)_j W_j) is one chain of dots on W scaled
-    # once, as without a prior; else c^(0) is formed per batch tile, and so is each j's product
-    SCALED_W0: tl.constexpr = FIRST_TERM == 0 and HAS_PRIOR and SCALED_PRIOR
-    if SCALED_W0:
-        prior_logits = ()
-        for j in tl.static_range(J):
-            prior_logits = prior_logits + (_load_prior(prior_ptr, chunk, j, I, J, CHUNK, ACC, WHOLE),)
-        c0 = _softmax(prior_logits, J, LEAKY)
+    # The r = 0 term with a prior, where SCALED_PRIOR (_Config.grad_scaled_prior; only with a
+    # prior and FIRST_TERM = 0): c^(0) = softmax(prior) is the same for every sample, formed once,
+    # and du's term sum_j c^(0)_j (ds^(0)_j W_j) = sum_j ds^(0)_j (c^(0)_j W_j) is one chain of dots
+    # on W scaled once, as without a prior; else c^(0) is formed per batch tile, and so is each j's
+    # product
+    if SCALED_PRIOR:
+        c0 = _prior_couplings(prior_ptr, chunk, I, J, CHUNK, ACC, WHOLE, LEAKY)
         w0_tiles = ()
         for j in tl.static_range(J):
             w0_tiles = w0_tiles + (w_tiles[j] * _spread(c0[j], 1, CHUNK, KA, KB),)
@@ -569,21 +576,17 @@ def _tc_input_grad_kernel(
         zero = tl.zeros((BLOCK_B, KA * CHUNK * KB), dtype=ACC)
         du = zero
         if FIRST_TERM == 0 and HAS_PRIOR:  # r = 0: c^(0) = softmax(prior), nothing through V^(0) = 0
-            if not SCALED_W0:
-                prior_logits = ()
-                for j in tl.static_range(J):
-                    prior_logits = prior_logits + (
-                        _load_prior(prior_ptr, chunk, j, I, J, CHUNK, ACC, WHOLE),)
+            if not SCALED_PRIOR:
                 # names of their own: c, dc, da of the r loop below have [BLOCK_B, CHUNK] tiles, and
                 # a name bound before a loop would become a loop-carried value of another shape
-                c0 = _softmax(prior_logits, J, LEAKY)
+                c0 = _prior_couplings(prior_ptr, chunk, I, J, CHUNK, ACC, WHOLE, LEAKY)
             dc0 = ()
             for j in tl.static_range(J):
                 w = w_tiles[j]
                 ds0_hi, ds0_lo = _load_split(ds_ptr + state + j * D, ds_split_ptr + state + j * D, split_plane,
                                              offs, mask, PREC)
                 c0_cols = _spread(c0[j], BLOCK_B, CHUNK, KA, KB)
-                if SCALED_W0:
+                if SCALED_PRIOR:
                     du = _dot_split(ds0_hi, ds0_lo, w0_tiles[j], du, PREC, OP)
                 else:
                     q0 = _dot_split(ds0_hi, ds0_lo, w, zero, PREC, OP)
@@ -591,13 +594,14 @@ def _tc_input_grad_kernel(
                 ds0_t_hi, ds0_t_lo = _load_split(ds_ptr + state + j * D, ds_split_ptr + state + j * D, split_plane,
                                                  offs_t, mask_t, PREC)  # transposed, as in the r loop
                 dw = _set(dw, j, _dot_split(ds0_t_hi, ds0_t_lo, c0_cols * u, dw[j], PREC, OP))
-                if PRIOR_GRAD and SCALED_W0:
-                    # da^(0) = c^(0) (dc^(0) - sum_j c^(0)_j dc^(0)_j) is linear in dc^(0): the
-                    # tile's sum of da^(0) is that map of the tile's sum of dc^(0)
-                    q0 = _dot_split(ds0_hi, ds0_lo, w, zero, PREC, OP)
-                    dc0 = dc0 + (tl.sum(_segment_sum(u * q0, BLOCK_B, CHUNK, KA, KB), axis=0)[None, :],)
-                elif PRIOR_GRAD:
-                    dc0 = dc0 + (_segment_sum(u * q0, BLOCK_B, CHUNK, KA, KB),)
+                if PRIOR_GRAD:
+                    if SCALED_PRIOR:
+                        # da^(0) = c^(0) (dc^(0) - sum_j c^(0)_j dc^(0)_j) is linear in dc^(0): the
+                        # tile's sum of da^(0) is that map of the tile's sum of dc^(0)
+                        q0 = _dot_split(ds0_hi, ds0_lo, w, zero, PREC, OP)
+                        dc0 = dc0 + (tl.sum(_segment_sum(u * q0, BLOCK_B, CHUNK, KA, KB), axis=0)[None, :],)
+                    else:
+                        dc0 = dc0 + (_segment_sum(u * q0, BLOCK_B, CHUNK, KA, KB),)
             if PRIOR_GRAD:
                 da0 = _softmax_backward(c0, dc0, J)
                 for j in tl.static_range(J):
@@ -903,7 +907,8 @@ class _Plan:
         self.grad_grid = (cfg.n_chunks, cfg.grad_splits)
         self.grad_kwargs = dict(R=iterations, FIRST_TERM=self.first_term, HAS_PRIOR=has_prior,
                                 PRIOR_GRAD=self.prior_grad, LEAKY=leaky,
-                                R_STAGES=cfg.grad_r_stages, SCALED_PRIOR=cfg.grad_scaled_prior,
+                                R_STAGES=cfg.grad_r_stages,
+                                SCALED_PRIOR=cfg.grad_scaled_prior and self.first_term == 0,
                                 **cfg.grad_constants, num_warps=cfg.grad_num_warps,
                                 # left to itself ptxas caps this kernel at 168 registers (three
                                 # programs per SM) and spills: bf16 16 B on Triton 3.9, tf32x3
