@@ -10,6 +10,8 @@ import triton.language as tl
 
 # Triton decides at decoration time whether a kernel is interpreted, so read the switch once.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# the compiling Triton's (major, minor): some launch defaults follow its code generation
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 __all__ = ["INTERPRET", "state_dtype", "tuning", "tuned", "tuning_key", "cached_plan", "program_target"]
 
@@ -54,6 +56,8 @@ TUNING_KEYS = {
     "grad_split_j": "fma: whether the final sweep splits the output capsules into two tiles "
                     "(J1 a power of two, then the rest) instead of one padded tile",
     "stages": "fma: software-pipelining depth",
+    "grad_u_first": "fma: whether the final sweep loads its samples' u tile for dW at the start of each "
+                    "step (True) or after the routing iterations (False)",
 }
 
 

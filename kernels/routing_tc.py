@@ -49,8 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MAX_SPLITS, arrive, bias_grad_of, problem_plan, program_target, round_tf32, round_tf32_finite,
-                     squash, squash_backward, state_dtype, sum_partials, tuned)
+from .common import (MAX_SPLITS, TRITON_VERSION, arrive, bias_grad_of, problem_plan, program_target, round_tf32,
+                     round_tf32_finite, squash, squash_backward, state_dtype, sum_partials, tuned)
 
 __all__ = ["routing_forward", "routing_backward", "PRECISIONS"]
 
@@ -716,8 +716,6 @@ def _tc_input_grad_kernel(
 # each over at least GRAD_MIN_TILES batch tiles
 GRAD_WAVES = 2
 GRAD_MIN_TILES = 8
-# the compiling Triton's (major, minor): a launch default follows its code generation (_Config)
-_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
 def _constants(u: torch.Tensor, weight: torch.Tensor, input_precision: str, block_b: int, chunk: int,
@@ -818,7 +816,7 @@ class _Config:
         # unchanged). Under 3.9 one stage spills nothing and two issue more (forward 15.9 ->
         # 17.9, reverse 42.7 -> 45.2); the first forward pass (no V, no softmax without a prior)
         # spills in neither and keeps one (two: 3.3 -> 4.6, and 8 -> 28 KB of shared memory).
-        half_stages = 2 if half and _TRITON < (3, 9) else 1
+        half_stages = 2 if half and TRITON_VERSION < (3, 9) else 1
         # The 16-bit and tf32 forward passes: 32 columns per chunk (4 capsules of 8), where each
         # thread holds all of a capsule's k (see _columns) and the sums over k need no shuffles.
         # sm_90, MNIST shape, Triton 3.9 | 3.6, warp instructions per (b, i) against 16 columns:
@@ -856,7 +854,7 @@ class _Config:
         # spilled bytes, per-tile -> scaled form. Triton 3.9: fp16 334.2 and 8 B -> 320.4 and 0,
         # bf16 341.6 and 0 -> 321.0 and 0; 3.6: fp16 338.2 and 0 -> 326.6 and 8 B, bf16 338.4 and
         # 0 -> 326.8 and 8 B. The tf32 dots spilled more (tf32 0 -> 16 B, 3.9; tf32x3 8 -> 32 B, 3.6)
-        self.grad_scaled_prior = has_prior and tuned("tc_grad_scaled_prior", half and _TRITON >= (3, 9))
+        self.grad_scaled_prior = has_prior and tuned("tc_grad_scaled_prior", half and TRITON_VERSION >= (3, 9))
         self.grad_constants = _constants(u, weight, input_precision, self.grad_block_b, chunk, stages)
         self.n_chunks = triton.cdiv(in_caps, chunk)
         # One program per chunk of capsules and run of batch tiles. The chunks alone

@@ -606,6 +606,22 @@ def test_prior_first_term_forms(scaled, dtype, iterations, leaky, kernel_device)
         assert rel_err(out, ref) < TOL[dtype], name
 
 
+@pytest.mark.parametrize("u_first", [False, True], ids=["u-after", "u-first"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_final_sweep_u_forms(u_first, dtype, kernel_device):
+    """Both places of the fma final sweep's u load for dW (tuning key grad_u_first, whose default
+    follows the dtype and the Triton version): 37 samples in ten batch tiles of 4, the last
+    partial, three per program along the batch, and 13 capsules five per program, so that dW's
+    and dprior's register sums run over several tiles and are written once per capsule."""
+    u, weight, bias, grad = make_inputs((37, 13, 5, 6, 3), dtype, kernel_device, bias=True)
+    prior = make_prior(13, 5, dtype, kernel_device)
+    with kernels.tuning(kernels="fma", grad_u_first=u_first, block_b=4, grad_tiles_per_chunk=3, grad_i_per_prog=5):
+        outs, refs = fused_and_reference_with_prior(u, weight, bias, prior, grad, 3, leaky=True)
+    for name, out, ref in zip(("v", "du", "dW", "dbias", "dprior"), outs, refs):
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert rel_err(out, ref) < TOL[dtype], name
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_prior_half_precision(dtype, kernel_device, family):
     if dtype == torch.bfloat16 and kernel_device == "cpu":
