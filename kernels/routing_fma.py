@@ -550,10 +550,11 @@ def _j_groups(out_caps: int) -> dict:
     """The final sweep's two groups of output capsules (see _input_grad_kernel): J1, the largest
     power of two up to J, and the J2 = J - J1 after it, where the two tiles (J1 + J2 rounded up to
     a power of two rows) have at least 3/8 fewer rows than one tile of J rounded up (J = 10: 8 + 2
-    rows, not 16). Else J1 = J and no second group: the second tile's own reductions cost more
-    than a few padded rows (sm_90, J = 3, D = 7, K = 5, fp32 with a prior, Triton 3.6: 2 + 1 rows
-    issue 265.0 warp instructions per (b, i), one tile of 4 rows 227.5). The tuning key
-    grad_split_j overrides the choice."""
+    rows, not 16). Else J1 = J and no second group: where the tiles save fewer rows, their own
+    reductions can cost more than the padded rows (sm_90, fp32, D = 16, K = 8, Triton 3.6, per
+    (b, i), two tiles against one: J = 3 226.8 against 179.0, J = 6 339.0 against 270.8), though
+    not always (J = 12: 426.2 against 478.8; under Triton 3.9 two tiles issue fewer at each of
+    these J, J = 11 spilling 8 B). The tuning key grad_split_j overrides the choice."""
     whole = triton.next_power_of_2(out_caps)
     j1 = 1 << (out_caps.bit_length() - 1)
     j2 = out_caps - j1
