@@ -589,6 +589,18 @@ def test_whole_chunks(with_prior, dtype, precision, tol, batch, kernel_device):
         assert rel_err(out, ref) < tol, name
 
 
+def check_form_with_prior(dtype, kernel_device, iterations, leaky, overrides, **options):
+    """One form of a kernel (the tuning overrides) against the float64 reference, with a bias and
+    a prior, at the (37, 13, 5, 6, 3) problem: v, du, dW, dbias and dprior."""
+    u, weight, bias, grad = make_inputs((37, 13, 5, 6, 3), dtype, kernel_device, bias=True)
+    prior = make_prior(13, 5, dtype, kernel_device)
+    with kernels.tuning(**overrides):
+        outs, refs = fused_and_reference_with_prior(u, weight, bias, prior, grad, iterations, leaky=leaky, **options)
+    for name, out, ref in zip(("v", "du", "dW", "dbias", "dprior"), outs, refs):
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert rel_err(out, ref) < TOL[dtype], name
+
+
 @pytest.mark.parametrize("scaled", [False, True], ids=["per-tile", "scaled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("iterations, leaky", [(1, True), (3, False)], ids=["R1-leaky", "R3"])
@@ -596,14 +608,8 @@ def test_prior_first_term_forms(scaled, dtype, iterations, leaky, kernel_device)
     """Both forms of the tc final pass's r = 0 term with a prior (tuning key tc_grad_scaled_prior,
     whose default follows the dtype and the Triton version), at either kind of dot: 37 samples in
     three batch tiles of 16, the last partial, split over two programs along the batch."""
-    u, weight, bias, grad = make_inputs((37, 13, 5, 6, 3), dtype, kernel_device, bias=True)
-    prior = make_prior(13, 5, dtype, kernel_device)
-    with kernels.tuning(kernels="tc", tc_grad_scaled_prior=scaled, grad_batch_splits=2):
-        outs, refs = fused_and_reference_with_prior(u, weight, bias, prior, grad, iterations, leaky=leaky,
-                                                    input_precision="tf32x3")
-    for name, out, ref in zip(("v", "du", "dW", "dbias", "dprior"), outs, refs):
-        assert out.dtype == dtype and out.shape == ref.shape
-        assert rel_err(out, ref) < TOL[dtype], name
+    check_form_with_prior(dtype, kernel_device, iterations, leaky, dict(kernels="tc", tc_grad_scaled_prior=scaled,
+                                                                        grad_batch_splits=2), input_precision="tf32x3")
 
 
 @pytest.mark.parametrize("u_first", [False, True], ids=["u-after", "u-first"])
@@ -613,13 +619,8 @@ def test_final_sweep_u_forms(u_first, dtype, kernel_device):
     follows the dtype and the Triton version): 37 samples in ten batch tiles of 4, the last
     partial, three per program along the batch, and 13 capsules five per program, so that dW's
     and dprior's register sums run over several tiles and are written once per capsule."""
-    u, weight, bias, grad = make_inputs((37, 13, 5, 6, 3), dtype, kernel_device, bias=True)
-    prior = make_prior(13, 5, dtype, kernel_device)
-    with kernels.tuning(kernels="fma", grad_u_first=u_first, block_b=4, grad_tiles_per_chunk=3, grad_i_per_prog=5):
-        outs, refs = fused_and_reference_with_prior(u, weight, bias, prior, grad, 3, leaky=True)
-    for name, out, ref in zip(("v", "du", "dW", "dbias", "dprior"), outs, refs):
-        assert out.dtype == dtype and out.shape == ref.shape
-        assert rel_err(out, ref) < TOL[dtype], name
+    check_form_with_prior(dtype, kernel_device, 3, True, dict(kernels="fma", grad_u_first=u_first, block_b=4,
+                                                              grad_tiles_per_chunk=3, grad_i_per_prog=5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
